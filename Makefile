@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make train` (the main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch 2.13.0 CPU wheel is satisfied by the range torch>=2.5; never ask for a newer torch here.
+	$(BIN)/pip install -q "torch>=2.5"
+	$(BIN)/pip install -q -e ".[dev,hf]"
+	touch $@
+
+.PHONY: install train demo test lint bench
+install: $(BIN)/.installed
+
+train: install
+	$(BIN)/switchformer train
+
+demo: install
+	$(BIN)/python benchmarks/bench_moe_layer.py --quick
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_moe_layer.py
