@@ -165,3 +165,314 @@ class DataConfig:
     """Mean corrupted span length (T5 default)."""
     seed: int = 0
     """Seed of the data order and of the corruption noise."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (paper.md §3: Adafactor with decay_rate 0.8, rsqrt schedule)."""
+
+    name: Literal["adafactor", "adamw"] = "adafactor"
+    """'adafactor' (torch.optim.Adafactor, the T5X/paper setup) or 'adamw'."""
+    lr: float = 0.01
+    """Peak learning rate. The rsqrt schedule is lr * sqrt(warmup / max(step, warmup)), i.e. the T5X
+    base / sqrt(max(step, warmup)) with base = lr * sqrt(warmup); T5X pre-training: lr 0.01, warmup 10k.
+    Adafactor's step is relative: the update is scaled by max(1e-3, RMS(param)). AdamW wants ~1e-3."""
+    schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"
+    """'rsqrt' (constant, then inverse square root: T5X), 'cosine' (to min_lr_ratio * lr), 'constant'."""
+    warmup_steps: int = 100
+    """Warm-up steps: the constant plateau of 'rsqrt', and the ramp length when warmup='linear'."""
+    warmup: Literal["constant", "linear"] = "constant"
+    """Shape of the warm-up: 'constant' (T5X) or 'linear' (a ramp from 0, the usual AdamW choice)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    beta2_decay: float = -0.8
+    """Adafactor second-moment decay exponent (T5X decay_rate 0.8 -> beta2_t = 1 - t^-0.8)."""
+    adafactor_eps: float = 1e-3
+    """Adafactor eps2: the floor on RMS(param) when scaling the relative step."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (both optimizers)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: steps, batches, evaluation, checkpoints, precision and logging."""
+
+    steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (the loss is averaged over them)."""
+    eval_every: int = 50
+    """Evaluate on the validation split every this many steps (and at the last step)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation (the same batches every time)."""
+    log_every: int = 10
+    """Write a training metrics line every this many steps."""
+    checkpoint_every: int = 200
+    """Save a checkpoint every this many steps (and at the last step); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest K)."""
+    seed: int = 0
+    """Seed of the model init, dropout and router jitter (the data order uses data.seed)."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """Autocast dtype. bfloat16 only where the hardware has fast bf16 (the router stays float32, §2.4)."""
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu', or 'cuda[:N]'."""
+    num_threads: int = 0
+    """torch intra-op threads on CPU; 0 keeps torch's default."""
+    skip_nonfinite: bool = False
+    """Skip an optimizer step whose loss or gradient is non-finite instead of stopping the run."""
+    max_minutes: float = 0.0
+    """Stop training after this much training wall time (0: no limit); the final eval and checkpoint still run."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when the tensorboard package is installed."""
+    plots: bool = True
+    """Write PNG plots into the run directory at the end."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs: the model, data, optimizer and loop. One TOML file in configs/ holds one."""
+
+    name: str = "switch"
+    """Run name; the run directory is ``<out_dir>/<name>``."""
+    out_dir: str = "runs"
+    """Folder that holds run directories."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model (vocab_size is replaced by the tokenizer's, rounded up to a multiple of 128)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, validation, overrides and TOML output for RunConfig (and any of the dataclasses above).
+# TOML has no null, so None is written and read as the string "none" (only for fields that accept None).
+
+
+def _field_types(cls) -> dict:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    import typing
+
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, path: str):
+    """Return ``value`` checked (and losslessly coerced) against annotation ``tp``; TypeError names ``path``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, path)
+            except TypeError:
+                continue
+        raise TypeError(f"{path}: {value!r} does not have type {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise TypeError(f"{path}: expected a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"{path}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{path}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{path}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _build(tp, value, path)
+        raise TypeError(f"{path}: expected a table of {tp.__name__} keys, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, path: str = ""):
+    """Build dataclass ``cls`` from a nested dict with type checks; unknown keys list the valid ones."""
+    types_ = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = path or cls.__name__
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid_keys(cls, path)}")
+    kwargs = {k: _coerce(v, types_[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def valid_keys(cls, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of dataclass ``cls`` (e.g. ``model.moe.num_experts``)."""
+    out = []
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(types_[f.name]):
+            out.extend(valid_keys(types_[f.name], key))
+        else:
+            out.append(key)
+    return out
+
+
+def validate(cfg):
+    """Re-check every field of a (nested) config dataclass against its annotation; returns ``cfg``."""
+    return _build(type(cfg), _shallow_dict(cfg))
+
+
+def _shallow_dict(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    """Build a validated RunConfig from a nested dict (e.g. parsed TOML)."""
+    return _build(RunConfig, data)
+
+
+def load_toml(path) -> RunConfig:
+    """Read a TOML recipe (``configs/*.toml``) into a validated RunConfig; missing keys keep their defaults."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    try:
+        return run_config_from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def _parse_value(text: str):
+    """Parse the right-hand side of an override as a TOML value; a bare word stays a string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Return a copy of ``cfg`` with dotted overrides applied (``["model.moe.num_experts=16", "train.steps=100"]``).
+
+    Values are parsed as TOML scalars (``1e-3``, ``true``, ``"text"``; a bare word is a string; ``none`` is None
+    for fields that accept None), then checked against the field's type (an int is accepted for a float field).
+
+    Raises:
+        ValueError: malformed override or unknown key (the message lists the valid keys).
+        TypeError: the value does not have the field's type.
+    """
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    root_cls = type(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. train.steps=100")
+        key, text = item.split("=", 1)
+        key = key.strip().removeprefix("--")
+        parts = key.split(".")
+        obj = cfg
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                prefix = ".".join(parts[:i])
+                keys = valid_keys(type(obj), prefix) if dataclasses.is_dataclass(obj) else valid_keys(root_cls)
+                where = f" under {prefix}" if prefix else ""
+                raise ValueError(f"unknown config key {key!r}; valid keys{where}: {keys}")
+            if i < len(parts) - 1:
+                obj = getattr(obj, part)
+        tp = _field_types(type(obj))[parts[-1]]
+        if dataclasses.is_dataclass(tp):
+            raise ValueError(f"{key!r} is a section; set one of its keys: {valid_keys(tp, key)}")
+        value = _parse_value(text.strip())
+        if not isinstance(value, str) and _accepts_str(tp):
+            value = text.strip()  # data.corpus=123 means the string "123"
+        setattr(obj, parts[-1], _coerce(value, tp, key))
+    return cfg
+
+
+def _accepts_str(tp) -> bool:
+    import typing
+
+    return tp is str or str in typing.get_args(tp)
+
+
+def to_dict(cfg) -> dict:
+    """Nested plain dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v) -> str:
+    if v is None:
+        return '"none"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        import json
+
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(cfg) -> str:
+    """TOML text for a config dataclass; ``load_toml`` reads it back to an equal object."""
+    lines: list[str] = []
+
+    def emit(d: dict, section: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if section and scalars:
+            lines.append(f"[{section}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in tables.items():
+            emit(v, f"{section}.{k}" if section else k)
+
+    emit(dataclasses.asdict(cfg), "")
+    return "\n".join(lines)
