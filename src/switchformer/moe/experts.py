@@ -1,0 +1,101 @@
+"""Stacked expert FFNs that compute on tokens already grouped by expert.
+
+Weights are stacked ``[E, F, M]`` / ``[E, M, F]`` in nn.Linear's [out, in] layout, as checkpoints store each
+expert's ``wi``/``wo`` (transformers' ``experts.expert_{j}.wi.weight`` is ``w_in[j]``).
+
+Shape suffixes: E experts, N grouped tokens, R rows per expert in the padded layout, M d_model, F d_ff.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("relu", "gated-gelu")
+
+
+def truncated_normal_(weight: torch.Tensor, fan_in: int, scale: float) -> torch.Tensor:
+    """Paper §2.4: truncated normal, mean 0, std sqrt(scale / fan_in), resampled beyond two std (footnote 6)."""
+    std = math.sqrt(scale / fan_in)
+    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+class Experts(nn.Module):
+    """E independent FFNs: ``relu``: ``W_out relu(W_in x)`` (T5 v1.0, the released checkpoints); ``gated-gelu``:
+    ``W_out (gelu(W_gate x) * W_in x)`` (GEGLU, Table 9).
+
+    Args:
+        num_experts: E.
+        d_model: M.
+        d_ff: F, the hidden width of one expert.
+        activation: 'relu' or 'gated-gelu'.
+        expert_dropout: dropout on the hidden activations, separate from the model's dropout (§2.4: 0.4 when
+            fine-tuning).
+        init_scale: s of the truncated-normal init std sqrt(s / fan_in).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: str = "relu",
+        expert_dropout: float = 0.0,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
+        self.activation = activation
+        self.expert_dropout = expert_dropout
+        self.init_scale = init_scale
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_ff, d_model)) if activation == "gated-gelu" else None
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d_model, d_ff = self.w_in.shape[2], self.w_in.shape[1]
+        truncated_normal_(self.w_in, d_model, self.init_scale)
+        if self.w_gate is not None:
+            truncated_normal_(self.w_gate, d_model, self.init_scale)
+        truncated_normal_(self.w_out, d_ff, self.init_scale)
+
+    def _hidden(self, x: torch.Tensor, mm, w_in: torch.Tensor, w_gate: torch.Tensor | None) -> torch.Tensor:
+        if w_gate is None:
+            h = F.relu(mm(x, w_in))
+        else:
+            h = F.gelu(mm(x, w_gate), approximate="tanh") * mm(x, w_in)  # T5's gelu_new
+        return F.dropout(h, self.expert_dropout, self.training) if self.expert_dropout > 0 else h
+
+    def forward(self, x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """Apply expert e to its tokens.
+
+        Args:
+            x: ragged ``[N, M]`` (expert-major, with ``counts``) or padded ``[E, R, M]`` (``counts`` None).
+            counts: tokens per expert for the ragged layout (host ints, summing to N).
+        """
+        if x.dim() == 3:  # padded: one batched matmul per projection, static shapes, no host sync
+            bmm = lambda a, w: torch.bmm(a, w.transpose(1, 2))  # noqa: E731
+            return bmm(self._hidden(x, bmm, self.w_in, self.w_gate), self.w_out)
+        if counts is None or len(counts) != self.w_in.shape[0]:
+            raise ValueError("ragged expert input needs counts: one token count per expert")
+        # NOTE: unbind once: indexing a stacked Parameter per expert under autograd would materialise a full
+        # [E, F, M] gradient for every expert in backward (88x slower at E=128); unbind's backward is one stack.
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else [None] * len(counts)
+        outs = []
+        for e, x_e in enumerate(x.split(counts)):  # a loop over experts' contiguous slices, never over tokens
+            if counts[e] == 0:
+                continue
+            h = self._hidden(x_e, F.linear, w_in[e], w_gate[e])
+            outs.append(F.linear(h, w_out[e]))
+        if not outs:
+            return x.new_zeros(0, self.w_out.shape[1])
+        return torch.cat(outs)
