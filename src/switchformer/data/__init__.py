@@ -1,0 +1,29 @@
+"""Pretraining data: corpus sources, the SentencePiece tokenizer, T5 span corruption and the packed loader.
+
+Imports only numpy, torch, sentencepiece, the standard library and ``switchformer.config`` (paper.md §3)::
+
+    corpus = load_corpus(cfg.data)                          # Corpus: train_texts, val_texts, summary()
+    tok = get_tokenizer(cfg.data, corpus, cache_dir=cache)  # Tokenizer: T5 ids (pad 0, eos 1, unk 2, sentinels)
+    loader = make_loader(cfg.data, tok, corpus, batch_size=32, split="train", model_arch="encoder_decoder")
+    batch = next(loader)                                    # dict of int64 tensors
+"""
+
+from switchformer.data.loader import IGNORE_INDEX, BatchLoader, make_loader, tokenize_texts
+from switchformer.data.sources import Corpus, load_corpus
+from switchformer.data.span_corruption import random_spans_noise_mask, span_corrupt, span_corruption_lengths
+from switchformer.data.tokenizer import Tokenizer, get_tokenizer, train_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BatchLoader",
+    "Corpus",
+    "Tokenizer",
+    "get_tokenizer",
+    "load_corpus",
+    "make_loader",
+    "random_spans_noise_mask",
+    "span_corrupt",
+    "span_corruption_lengths",
+    "tokenize_texts",
+    "train_tokenizer",
+]
