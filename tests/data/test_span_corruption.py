@@ -14,7 +14,7 @@ VOCAB = 2000  # sentinels: <extra_id_k> = VOCAB - 1 - k, k < NUM_SENTINELS
 NUM_SENTINELS = 400  # hypothesis draws up to 300 spans
 
 
-# ---------------------------------------------------------------- independent oracle: T5 preprocessors.py, line by line
+# ------------------------------------------------------- independent oracle: T5 preprocessors.py, line by line
 def t5_random_spans_noise_mask(length, noise_density, mean_noise_span_length, rng):
     orig_length = length
     length = max(length, 2)
@@ -25,7 +25,8 @@ def t5_random_spans_noise_mask(length, noise_density, mean_noise_span_length, rn
     num_nonnoise_tokens = length - num_noise_tokens
 
     def _random_segmentation(num_items, num_segments):
-        first_in_segment = np.pad(rng.permutation((np.arange(num_items - 1) < num_segments - 1).astype(np.int32)), [1, 0])
+        shuffled = rng.permutation((np.arange(num_items - 1) < num_segments - 1).astype(np.int32))
+        first_in_segment = np.pad(shuffled, [1, 0])
         segment_id = np.cumsum(first_in_segment)
         segment_length = np.zeros(num_segments, dtype=np.int64)
         np.add.at(segment_length, segment_id, 1)  # tf.math.segment_sum(ones, segment_id)
