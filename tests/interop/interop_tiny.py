@@ -24,7 +24,8 @@ def tiny_hf_model(seed: int = 0, **overrides):
     """Random tiny SwitchTransformersForConditionalGeneration in eval mode.
 
     transformers initialises the router with std 1 and the experts with std d_model**-0.5; the LayerNorms start at
-    one. We perturb the norms so that a wrongly mapped norm weight cannot go unnoticed.
+    one. We perturb the norms so that a wrongly mapped norm weight cannot go unnoticed, and shrink the (std 1)
+    embeddings so that greedy generation does not collapse onto one token.
     """
     torch.manual_seed(seed)
     model = transformers.SwitchTransformersForConditionalGeneration(tiny_hf_config(**overrides))
@@ -32,4 +33,5 @@ def tiny_hf_model(seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.uniform_(0.5, 1.5)
+        model.shared.weight.mul_(0.2)
     return model.eval()

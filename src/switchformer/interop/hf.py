@@ -692,10 +692,8 @@ class _Shards:
 def _build(cfg: ModelConfig, *, meta: bool) -> nn.Module:
     from switchformer.models import build_model
 
-    if meta:
-        with torch.device("meta"):
-            return build_model(cfg)
-    return build_model(cfg)
+    # init=False on meta: no random init is computed for weights that are about to be assigned.
+    return build_model(cfg, init=False, device="meta") if meta else build_model(cfg)
 
 
 def _load_into(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, strict: bool, device: torch.device | str | None,
