@@ -1,0 +1,239 @@
+"""The ``switchformer`` command: parses arguments and dispatches; every subcommand is an importable function.
+
+    switchformer train                                   # configs/default.toml: Switch encoder-decoder, <= 10 min CPU
+    switchformer train --decoder-only train.steps=300    # configs/decoder.toml plus dotted overrides
+    switchformer train configs/tiny_test.toml model.moe.num_experts=16
+    switchformer train --resume runs/switch train.steps=1200
+    switchformer compare                                 # also trains the FLOP-matched dense model; speed-up report
+    switchformer eval runs/switch
+    switchformer generate runs/switch --prompt "def <extra_id_0>(self):"
+    switchformer plot runs/switch runs/switch-dense --out plots/
+    switchformer info switch-base-8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from switchformer.config import RunConfig, apply_overrides, load_toml
+
+_OVERRIDE_HELP = "dotted config overrides, e.g. model.moe.num_experts=16 train.steps=100 optim.lr=0.02"
+
+
+def find_recipe(name: str) -> Path:
+    """Path of recipe ``name`` ('default', 'decoder', ... or a .toml path): a file, ./configs/, or the repo's
+    configs/ next to the installed package."""
+    p = Path(name)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    stem = p.stem if p.suffix == ".toml" else name
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        if (root / f"{stem}.toml").is_file():
+            return root / f"{stem}.toml"
+    raise FileNotFoundError(f"config {name!r} not found (looked for a file, ./configs/{stem}.toml and the "
+                            "repository's configs/); pass --config PATH")
+
+
+def build_config(config: str | None, overrides: list[str], decoder_only: bool = False) -> RunConfig:
+    """The run config: recipe (``config``, else default/decoder) plus dotted overrides."""
+    cfg = load_toml(find_recipe(config or ("decoder" if decoder_only else "default")))
+    if decoder_only and cfg.model.arch != "decoder_only":
+        cfg = apply_overrides(cfg, ["model.arch=decoder_only", "data.objective=causal_lm"])
+    return apply_overrides(cfg, overrides)
+
+
+def _split_positional(items: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for it in items:
+        if "=" not in it and it.endswith(".toml"):
+            config = it
+        else:
+            overrides.append(it)
+    return config, overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from switchformer.train.compare import compare
+    from switchformer.train.loop import train
+
+    config, overrides = _split_positional(args.overrides)
+    config = args.config or config
+    if args.resume:
+        run_dir = Path(args.resume) if isinstance(args.resume, str) else None
+        if run_dir is None:
+            cfg = build_config(config, overrides, args.decoder_only)
+            run_dir = Path(cfg.out_dir) / cfg.name
+        else:
+            cfg = apply_overrides(load_toml(run_dir / "config.toml"), overrides)
+        result = train(cfg, resume=True, run_dir=run_dir)
+    else:
+        cfg = build_config(config, overrides, args.decoder_only)
+        if args.dense_baseline:
+            compare(cfg)
+            return 0
+        result = train(cfg, run_dir=args.run_dir)
+    ev = result.final_eval
+    loss = ev.get("val_loss", float("nan"))
+    print(f"done: {result.step} steps in {result.train_seconds:.0f}s of training; final val loss {loss:.4f} "
+          f"(neg log perplexity {-loss:.4f}); run directory {result.run_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from switchformer.train.compare import compare
+
+    config, overrides = _split_positional(args.overrides)
+    cfg = build_config(args.config or config, overrides, args.decoder_only)
+    compare(cfg, out_dir=args.out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from switchformer.train.runs import eval_run
+
+    rec = eval_run(args.run_dir, batches=args.batches, device=args.device)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(f"{rec['checkpoint']} (step {rec['step']}): val loss {rec['val_loss']:.4f}, neg log perplexity "
+              f"{rec['neg_log_perplexity']:.4f}, perplexity {rec['val_ppl']:.2f}, {rec['val_tokens']} target tokens")
+        if "drop_fraction" in rec:
+            print(f"dropped tokens {rec['drop_fraction']:.2%}, router entropy {rec['router_entropy']:.3f} nats")
+            for layer, tpe in rec["tokens_per_expert"].items():
+                print(f"  {layer}: tokens per expert {tpe}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from switchformer.train.runs import generate_text, load_run
+
+    if args.run_dir is not None:
+        run = load_run(args.run_dir, args.device)
+        model, tok = run.model, run.tokenizer
+    else:
+        from switchformer.models import build_model
+        from switchformer.models.presets import get_preset
+
+        if args.model_dir is not None:
+            from switchformer.interop.hf import from_pretrained
+
+            model = from_pretrained(args.model_dir, device=args.device)
+        elif args.preset is not None:
+            model = build_model(get_preset(args.preset)).eval()  # random weights: a smoke test of generation
+        else:
+            raise SystemExit("generate needs RUN_DIR, --model-dir or --preset")
+        tok = None
+    if args.tokenizer is not None:
+        from switchformer.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(args.tokenizer)
+    if tok is None:
+        raise SystemExit("no tokenizer: pass --tokenizer PATH/spiece.model")
+    text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
+                         seed=args.seed)
+    print(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from switchformer.plot import plot_runs
+
+    out = args.out or (Path(args.run_dirs[0]) / "plots" if len(args.run_dirs) == 1 else Path("plots"))
+    for p in plot_runs(args.run_dirs, out):
+        print(p)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from switchformer.models import presets
+
+    if args.preset is None:
+        for name in presets.PRESETS:
+            print(name)
+        return 0
+    print(presets.describe(args.preset))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchformer", description="Switch Transformers: train, compare with dense, evaluate, generate, plot."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (no arguments: a small Switch model on the stdlib corpus)",
+                       description="Train from a TOML recipe (default: configs/default.toml) plus dotted overrides. "
+                       "Leaves runs/<name>/ with checkpoints (safetensors), metrics.jsonl and plots.")
+    p.add_argument("overrides", nargs="*", metavar="[CONFIG.toml] KEY=VALUE", help=_OVERRIDE_HELP)
+    p.add_argument("--config", help="TOML recipe path or name in configs/ (default: default, or decoder)")
+    p.add_argument("--decoder-only", action="store_true", help="decoder-only LM (configs/decoder.toml)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue exactly from the newest usable checkpoint (of RUN_DIR, or runs/<name>)")
+    p.add_argument("--dense-baseline", action="store_true",
+                   help="also train the FLOP-matched dense model (same as compare)")
+    p.add_argument("--run-dir", help="run directory (default runs/<name>, suffixed -2, -3... if taken)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train Switch and the FLOP-matched dense model; report the speed-up",
+                       description="Train the Switch config and its dense counterpart (sparse steps 0) on the same "
+                       "data and budget; report how many times fewer steps and how much less wall time Switch needs "
+                       "to reach the dense model's final validation loss (compare.json + PNG).")
+    p.add_argument("overrides", nargs="*", metavar="[CONFIG.toml] KEY=VALUE", help=_OVERRIDE_HELP)
+    p.add_argument("--config", help="TOML recipe path or name in configs/")
+    p.add_argument("--decoder-only", action="store_true", help="decoder-only LM (configs/decoder.toml)")
+    p.add_argument("--out", help="output folder (default runs/<name>-compare)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="validation loss / neg log perplexity of a run's newest checkpoint")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or one of its checkpoint directories)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a run directory (or a model directory / preset)")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", required=True, help="input text (encoder-decoder: may contain <extra_id_0> sentinels)")
+    p.add_argument("--model-dir", help="a saved model directory (transformers SwitchTransformers or switchformer)")
+    p.add_argument("--preset", help="a preset name (random weights; for smoke tests)")
+    p.add_argument("--tokenizer", help="spiece.model (default: the run's tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beams", type=int, default=1, help="beam search width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="PNG plots: overlaid loss curves of runs, per-layer expert load over time")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output folder (default RUN_DIR/plots for one run, ./plots for several)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("info", help="describe a model preset (parameters, FLOPs); no argument lists presets")
+    p.add_argument("preset", nargs="?", metavar="PRESET")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``switchformer``)."""
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"switchformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The switchformer command: --help everywhere, config errors, and an end-to-end train -> eval -> generate -> plot
+on the tiny recipe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from switchformer.cli import build_config, main, make_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["train", "compare", "eval", "generate", "plot", "info"]
+
+
+@pytest.mark.parametrize("cmd", [[], *[[c] for c in SUBCOMMANDS]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: switchformer")
+    for c in SUBCOMMANDS if not cmd else []:
+        assert c in out
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "switchformer"
+    out = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--decoder-only" in out and "--resume" in out
+
+
+def test_default_and_decoder_recipes():
+    cfg = build_config(None, [])
+    assert cfg.model.arch == "encoder_decoder" and cfg.data.objective == "span_corruption"
+    assert cfg.model.moe.num_experts >= 8
+    dec = build_config(None, ["train.steps=7"], decoder_only=True)
+    assert dec.model.arch == "decoder_only" and dec.data.objective == "causal_lm" and dec.train.steps == 7
+
+
+def test_bad_override_is_an_error_listing_keys(capsys):
+    assert main(["train", "model.moe.num_expert=16"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.moe.num_expert'" in err and "model.moe.num_experts" in err
+    assert main(["train", "train.steps=many"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "switch-base-8" in names
+    assert main(["info", "switch-base-8"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_train_eval_generate_plot(tmp_path, capsys):
+    tiny = str(ROOT / "configs" / "tiny_test.toml")
+    assert main(["train", tiny, f"out_dir={tmp_path}", "name=cli", "train.steps=4", "train.num_threads=1"]) == 0
+    run = tmp_path / "cli"
+    assert "val loss" in capsys.readouterr().out
+    assert main(["eval", str(run), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in last if r["kind"] == "eval"][-1]
+    assert rec["step"] == 4 and rec["val_loss"] == pytest.approx(last_eval["val_loss"], rel=1e-6)
+    assert main(["generate", str(run), "--prompt", "def f(x): <extra_id_0>", "--max-new-tokens", "5"]) == 0
+    assert main(["plot", str(run), str(run), "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "loss_by_step.png").stat().st_size > 1000
+    # a second run with the same name does not overwrite the first
+    assert main(["train", tiny, f"out_dir={tmp_path}", "name=cli", "train.steps=1", "train.num_threads=1"]) == 0
+    assert (tmp_path / "cli-2" / "metrics.jsonl").is_file()
+
+
+def test_parser_resume_forms():
+    p = make_parser()
+    assert p.parse_args(["train", "--resume"]).resume is True
+    assert p.parse_args(["train", "--resume", "runs/x"]).resume == "runs/x"
+    assert p.parse_args(["train"]).resume is False
