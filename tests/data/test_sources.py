@@ -164,3 +164,53 @@ def test_datasets_save_to_disk(tmp_path: Path):
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
     c = load_corpus(DataConfig(corpus=str(tmp_path / "ds"), val_fraction=0.0))
     assert c.train_texts == texts
+
+
+class _FakeDataset(list):
+    """Stands in for datasets.Dataset: a list of dict rows."""
+
+
+class _FakeDatasetDict(dict):
+    pass
+
+
+def _fake_datasets_module(online: bool):
+    import types
+
+    mod = types.ModuleType("datasets")
+    mod.Dataset = _FakeDataset
+    mod.DatasetDict = _FakeDatasetDict
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        assert (split, streaming) == ("train", True)
+        if not online:
+            raise ConnectionError("Couldn't reach the Hub")
+        return iter({"text": f"{name}/{config} doc {i}\n" * 20, "meta": i} for i in range(10_000_000))
+
+    def load_from_disk(path):
+        return _FakeDatasetDict(
+            validation=_FakeDataset([{"text": "v"}]), train=_FakeDataset([{"text": f"row {i}"} for i in range(40)])
+        )
+
+    mod.load_dataset, mod.load_from_disk = load_dataset, load_from_disk
+    return mod
+
+
+def test_hub_streaming_with_fake_datasets(monkeypatch: pytest.MonkeyPatch):
+    # The real `datasets` may be absent (and the Hub is unreachable here): check our side of the contract.
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets_module(online=True))
+    c = load_corpus(DataConfig(corpus="hf:org/name:cfg", max_bytes=20_000))
+    assert c.train_texts[0].startswith("org/name/cfg doc 0") and c.truncated and c.num_bytes <= 20_000
+    assert all(n.startswith("hf:org/name#") for n in c.train_names + c.val_names)
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets_module(online=False))
+    with pytest.raises(ValueError, match="could not open.*org/name.*save_to_disk"):
+        load_corpus(DataConfig(corpus="hf:org/name"))
+
+
+def test_save_to_disk_dir_with_fake_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets_module(online=False))
+    d = tmp_path / "saved"
+    d.mkdir()
+    (d / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
+    c = load_corpus(DataConfig(corpus=str(d), val_fraction=0.0))
+    assert c.train_texts == [f"row {i}" for i in range(40)]  # the train split of a DatasetDict

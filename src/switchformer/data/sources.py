@@ -409,7 +409,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             docs.append((name, text))
         num_files = len(docs)
     else:
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        # expanduser: the shell leaves "~" alone in "data.corpus=~/x".
+        parts = [os.path.expanduser(p.strip()) for p in spec.split(",") if p.strip()]
         for part in parts:
             if budget.exhausted:
                 break

@@ -140,6 +140,11 @@ def span_corrupt(
 
     Returns:
         ``(inputs, targets)``, int64 arrays [length - num_noise + num_spans + 1] and [num_noise + num_spans + 1].
+
+    Note:
+        For length >= 2 the output equals T5's. A 1-token sequence has no noise; T5 then emits targets
+        ``[<extra_id_0>, EOS]`` (a sentinel that marks nothing), we emit ``[EOS]``. Where T5 would fail (more spans
+        than non-noise tokens, only with noise_density near 1), the span count is clamped.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
