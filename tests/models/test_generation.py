@@ -1,0 +1,159 @@
+"""Generation: KV cache == full recompute, beams, sampling, padding, EOS, router results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from switchformer.models import GenerationRouting, build_model
+from switchformer.models.generation import filter_logits
+
+
+def _greedy_recompute(model, ids, mask, steps, eos=None, pad=0):
+    """Oracle: no cache, the whole forward re-run for every new token."""
+    enc_dec = model.config.arch == "encoder_decoder"
+    cur = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id) if enc_dec else ids
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(steps):
+            if enc_dec:
+                logits = model(ids, attention_mask=mask, decoder_input_ids=cur).logits
+            else:
+                m = None if mask is None else torch.cat([mask, torch.ones(ids.shape[0], cur.shape[1] - ids.shape[1],
+                                                                         dtype=mask.dtype)], 1)
+                logits = model(cur, attention_mask=m).logits
+            nxt = logits[:, -1].argmax(-1)
+            if eos is not None:
+                nxt = nxt.masked_fill(done, pad)
+                done |= nxt == eos
+            cur = torch.cat([cur, nxt[:, None]], 1)
+    return cur
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+@pytest.mark.parametrize("switch_attention", [False, True])
+def test_cache_equals_recompute(make_cfg, arch, switch_attention):
+    model = build_model(make_cfg(arch=arch, decoder_sparse_step=1, switch_attention=switch_attention)).eval()
+    ids = torch.randint(2, 64, (3, 6))
+    got = model.generate(ids, max_new_tokens=7)
+    ref = _greedy_recompute(model, ids, None, 7)
+    assert torch.equal(got, ref)
+    assert got.shape == ((3, 8) if arch == "encoder_decoder" else (3, 13))
+
+
+def test_padded_batch_generation_matches_single_rows(make_cfg):
+    for arch in ("encoder_decoder", "decoder_only"):
+        model = build_model(make_cfg(arch=arch)).eval()
+        rows = [torch.randint(2, 64, (n,)) for n in (3, 6, 5)]
+        ids = torch.zeros(3, 6, dtype=torch.long)
+        mask = torch.zeros(3, 6, dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding; decoder-only moves it to the left internally
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=5)
+        for i, r in enumerate(rows):
+            single = model.generate(r[None], max_new_tokens=5)
+            assert torch.equal(batch[i, -5:], single[0, -5:]), (arch, i)
+            if arch == "decoder_only":  # prompt returned left-padded
+                assert torch.equal(batch[i, :6][6 - len(r):], r)
+
+
+def test_left_padded_prompt_recompute(make_cfg):
+    model = build_model(make_cfg(arch="decoder_only")).eval()
+    ids = torch.randint(2, 64, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    ids[0, :2] = 0
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(got, _greedy_recompute(model, ids, mask, 6))
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_beam1_equals_greedy_and_topk1_sampling_equals_greedy(make_cfg, arch):
+    model = build_model(make_cfg(arch=arch)).eval()
+    ids = torch.randint(2, 64, (2, 5))
+    greedy = model.generate(ids, max_new_tokens=6)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=1, length_penalty=0.5), greedy)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=1, generator=g), greedy)
+
+
+def _sequence_logprob(model, ids, dec):
+    """Sum of log-probs of dec[:, 1:] under teacher forcing (encoder-decoder)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids, decoder_input_ids=dec[:, :-1]).logits.float(), -1)
+    return logp.gather(-1, dec[:, 1:, None]).squeeze(-1).sum(-1)
+
+
+def test_beam_search_beats_or_ties_greedy(make_cfg):
+    model = build_model(make_cfg(encoder_sparse_step=0, decoder_sparse_step=0)).eval()
+    ids = torch.randint(2, 64, (4, 5))
+    greedy = model.generate(ids, max_new_tokens=5)
+    beam = model.generate(ids, max_new_tokens=5, num_beams=4, length_penalty=0.0)
+    assert beam.shape == greedy.shape
+    assert (_sequence_logprob(model, ids, beam) >= _sequence_logprob(model, ids, greedy) - 1e-5).all()
+
+
+def test_beam_search_exhaustive_small_vocab(make_cfg):
+    """With beams >= vocab**(steps-1) beam search is exact: compare with brute force over all sequences."""
+    model = build_model(make_cfg(vocab_size=4, encoder_sparse_step=0, decoder_sparse_step=0)).eval()
+    ids = torch.randint(0, 4, (1, 5))
+    beam = model.generate(ids, max_new_tokens=3, num_beams=16, length_penalty=0.0)
+    seqs = torch.cartesian_prod(torch.arange(4), torch.arange(4), torch.arange(4))
+    dec = torch.cat([torch.zeros(64, 1, dtype=torch.long), seqs], 1)
+    scores = _sequence_logprob(model, ids.expand(64, -1), dec)
+    assert torch.equal(beam[0], dec[scores.argmax()])
+
+
+def test_eos_stops_and_pads(make_cfg):
+    model = build_model(make_cfg(arch="decoder_only")).eval()
+    ids = torch.randint(2, 64, (3, 4))
+    free = model.generate(ids, max_new_tokens=8)
+    eos = int(free[0, 5])  # the token row 0 emits at its 2nd step
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=63)
+    ref = _greedy_recompute(model, ids, None, out.shape[1] - 4, eos=eos, pad=63)
+    assert torch.equal(out, ref)
+    gen = out[0, 4:]
+    first = int((gen == eos).nonzero()[0])
+    assert (gen[first + 1:] == 63).all()
+    # all rows finished -> stops early
+    if ((out[:, 4:] == eos).any(1)).all():
+        assert out.shape[1] < 12
+
+
+def test_return_router(make_cfg):
+    model = build_model(make_cfg(decoder_sparse_step=1)).eval()
+    ids = torch.randint(2, 64, (2, 5))
+    out, routing = model.generate(ids, max_new_tokens=3, return_router=True)
+    assert isinstance(routing, GenerationRouting)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=3))
+    assert [r.name for r in routing.encoder] == ["encoder.block.1"]
+    assert len(routing.steps) == 3 and [r.name for r in routing.steps[0]] == ["decoder.block.0", "decoder.block.1"]
+    assert all(int(r.num_tokens) == 2 and int(r.dropped_tokens) == 0 for s in routing.steps for r in s)
+
+
+def test_generation_restores_capacity_and_mode(make_cfg):
+    cfg = make_cfg()
+    cfg.moe.eval_capacity_factor = 1.0
+    model = build_model(cfg).train()
+    model.generate(torch.randint(2, 64, (2, 5)), max_new_tokens=2)
+    assert model.training
+    assert model.encoder.block[1].layer[1].mlp.eval_capacity_factor == 1.0
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    p = torch.softmax(logits, -1)[0]  # sorted: 3 (0.64), 2 (0.24), 1 (0.09), 0 (0.03)
+    kept = ~torch.isinf(filter_logits(logits, top_p=float(p[1]) + 1e-3))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert (~torch.isinf(filter_logits(logits, top_p=0.01))).sum() == 1
+
+
+def test_bad_generate_args(make_cfg):
+    model = build_model(make_cfg())
+    ids = torch.randint(2, 64, (1, 3))
+    for kw, match in (({"max_new_tokens": -1}, "max_new_tokens"), ({"temperature": 0.0}, "temperature"),
+                      ({"top_p": 0.0}, "top_p"), ({"num_beams": 2, "do_sample": True}, "beam"),
+                      ({"num_beams": 0}, "num_beams")):
+        with pytest.raises(ValueError, match=match):
+            model.generate(ids, **kw)
