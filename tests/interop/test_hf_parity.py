@@ -201,3 +201,16 @@ def test_dtype_and_no_meta_leftovers(hf_dir):
     ids, _, labels = _batch(pad_from=None, B=1, S=5, T=3)
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=labels).logits.float()).all()
+
+
+def test_from_transformers_in_memory(hf_dir):
+    hf_model, _ = hf_dir(seed=6, expert_capacity=3, num_sparse_decoder_layers=2)
+    ours = H.from_transformers(hf_model)
+    assert ours.config.decoder_sparse_step == 1 and ours.config.encoder_sparse_step == 2
+    ids, mask, labels = _batch(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
+                                   hf_model(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                                   atol=ATOL, rtol=0)
+    w = ours.state_dict()["encoder.block.1.layer.1.mlp.experts.w_in"]
+    assert w.data_ptr() != hf_model.encoder.block[1].layer[1].mlp.experts["expert_0"].wi.weight.data_ptr()

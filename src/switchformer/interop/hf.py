@@ -49,6 +49,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "from_pretrained",
+    "from_transformers",
     "hf_param_shapes",
     "save_pretrained",
     "sparse_step_from_blocks",
@@ -790,6 +791,23 @@ def from_pretrained(
     keep = [k for k in shards.shapes if k in hf_param_shapes(cfg)]
     sd = _convert_from_hf(shards.stream(keep), cfg, dtype=dt, device=device)
     return _load_into(cfg, sd, strict=strict, device=device, dtype=dt)
+
+
+def from_transformers(hf_model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Convert an in-memory transformers ``SwitchTransformersForConditionalGeneration`` into a switchformer model.
+
+    Same mapping and checks as :func:`from_pretrained` (sparse layout read from the module's keys); the weights are
+    copied (experts stacked), so the two models are independent. Returned in eval mode.
+
+    Args:
+        hf_model: the transformers model (``.config`` and ``.state_dict()`` are used).
+        strict: raise on missing or unexpected keys.
+    """
+    hf_sd = hf_model.state_dict()
+    cfg = infer_sparse_steps(hf_sd.keys(), config_from_hf(hf_model.config))
+    sd = state_dict_from_hf(hf_sd, cfg, strict=strict)
+    return _load_into(cfg, {k: v.detach().clone() if v.is_floating_point() else v for k, v in sd.items()},
+                      strict=strict, device=None, dtype=None)
 
 
 def _convert_native(shards: _Shards, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
