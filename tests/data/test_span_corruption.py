@@ -7,7 +7,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from switchformer.data import random_spans_noise_mask, span_corrupt, span_corruption_lengths
+from switchformer.data.span_corruption import (
+    chunk_keys,
+    random_spans_noise_mask,
+    random_spans_noise_mask_batch,
+    span_corrupt,
+    span_corrupt_batch,
+    span_corruption_lengths,
+)
 
 EOS = 1
 VOCAB = 2000  # sentinels: <extra_id_k> = VOCAB - 1 - k, k < NUM_SENTINELS
@@ -176,3 +183,52 @@ def test_errors():
         span_corrupt(np.zeros((2, 5), dtype=np.int64), np.random.default_rng(0), sentinel_ids=99)
     with pytest.raises(ValueError, match="negative"):
         span_corrupt(np.arange(100), np.random.default_rng(0), sentinel_ids=2)
+
+
+# ------------------------------------------------------------------------------------------ batched (loader) path
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(2, 600),
+    batch=st.integers(1, 8),
+    density=density_st,
+    mean=mean_st,
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_batch_equals_single_and_keeps_t5_counts(length, batch, density, mean, seed):
+    keys = chunk_keys(seed, np.arange(batch))
+    masks = random_spans_noise_mask_batch(keys, length, density, mean)
+    num_noise = min(max(round(length * density), 1), length - 1)
+    num_spans = min(max(round(num_noise / mean), 1), length - num_noise)
+    assert masks.shape == (batch, length)
+    assert (masks.sum(1) == num_noise).all() and not masks[:, 0].any() and masks[:, -1].all()
+    starts = masks & ~np.pad(masks[:, :-1], [(0, 0), (1, 0)])
+    assert (starts.sum(1) == num_spans).all()
+    tokens = np.random.default_rng(seed).integers(3, VOCAB - NUM_SENTINELS, size=(batch, length))
+    inputs, targets = span_corrupt_batch(tokens, keys, density, mean, first_sentinel_id=VOCAB - 1)
+    for b in range(batch):
+        ref_in, ref_tgt = span_corrupt(tokens[b], None, sentinel_ids=VOCAB - 1, noise_mask=masks[b])
+        np.testing.assert_array_equal(inputs[b], ref_in)
+        np.testing.assert_array_equal(targets[b], ref_tgt)
+        if t5_is_defined(length, density, mean):
+            t5_in, t5_tgt = t5_span_corruption(tokens[b], masks[b], VOCAB)
+            np.testing.assert_array_equal(inputs[b], t5_in)
+            np.testing.assert_array_equal(targets[b], t5_tgt)
+    # A row's noise depends only on its key, not on the rest of the batch.
+    np.testing.assert_array_equal(random_spans_noise_mask_batch(keys[-1:], length, density, mean)[0], masks[-1])
+
+
+def test_batch_mask_distribution_matches_t5():
+    # Hash-based randomness vs T5's shuffles: compare the distribution of span lengths and of noise positions.
+    n, length = 4000, 141
+    ours = random_spans_noise_mask_batch(chunk_keys(7, np.arange(n)), length)
+    rng = np.random.default_rng(7)
+    ref = np.stack([t5_random_spans_noise_mask(length, 0.15, 3.0, rng) for _ in range(n)])
+
+    def first_span_length(m):
+        start = np.argmax(m, axis=1)
+        after = np.where(np.arange(length)[None, :] >= start[:, None], ~m, False)
+        return np.argmax(after, axis=1) - start
+
+    for stat in (lambda m: m.mean(0)[5:-5], lambda m: np.bincount(first_span_length(m), minlength=25)[:10] / n):
+        assert np.abs(stat(ours) - stat(ref)).max() < 0.04
+    assert np.abs(first_span_length(ours).mean() - first_span_length(ref).mean()) < 0.1

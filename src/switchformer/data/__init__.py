@@ -10,7 +10,12 @@ Imports only numpy, torch, sentencepiece, the standard library and ``switchforme
 
 from switchformer.data.loader import IGNORE_INDEX, BatchLoader, make_loader, tokenize_texts
 from switchformer.data.sources import Corpus, load_corpus
-from switchformer.data.span_corruption import random_spans_noise_mask, span_corrupt, span_corruption_lengths
+from switchformer.data.span_corruption import (
+    random_spans_noise_mask,
+    span_corrupt,
+    span_corrupt_batch,
+    span_corruption_lengths,
+)
 from switchformer.data.tokenizer import Tokenizer, get_tokenizer, train_tokenizer
 
 __all__ = [
@@ -23,6 +28,7 @@ __all__ = [
     "make_loader",
     "random_spans_noise_mask",
     "span_corrupt",
+    "span_corrupt_batch",
     "span_corruption_lengths",
     "tokenize_texts",
     "train_tokenizer",

@@ -39,7 +39,13 @@ import torch
 
 from switchformer.config import DataConfig
 from switchformer.data.sources import Corpus
-from switchformer.data.span_corruption import _counts, span_corrupt, span_corruption_lengths
+from switchformer.data.span_corruption import (
+    _counts,
+    chunk_keys,
+    span_corrupt,
+    span_corrupt_batch,
+    span_corruption_lengths,
+)
 from switchformer.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -207,25 +213,45 @@ class BatchLoader:
         in_len = np.zeros(B, dtype=np.int64)
         labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         tgt_len = np.zeros(B, dtype=np.int64)
-        for r, pos in enumerate(positions):  # loop over rows; token work is vectorised inside
-            if pos is None:
-                continue
-            chunk, epoch, cid = self._chunk(pos)
-            if self.arch == "encoder_decoder":
-                # Validation noise ignores the epoch, so every validation pass scores the same corrupted text.
-                noise_epoch = epoch if self.split == "train" else 0
-                rng = np.random.default_rng([self.seed, _SPLIT_SALT[self.split], noise_epoch, cid, 1])
-                inp, tgt = span_corrupt(
-                    chunk, rng, self.noise_density, self.mean_noise_span_length, self.first_sentinel_id, self.eos_id
-                )
-            else:
-                inp, tgt = chunk[:-1], chunk[1:]
-            if len(inp) > L or len(tgt) > T:  # impossible by construction of raw_length; guard the invariant
-                raise RuntimeError(f"chunk corrupted to {len(inp)}/{len(tgt)} tokens, more than {L}/{T}")
-            input_ids[r, : len(inp)] = inp
-            in_len[r] = len(inp)
-            labels[r, : len(tgt)] = tgt
-            tgt_len[r] = len(tgt)
+        rows = np.array([r for r, p in enumerate(positions) if p is not None], dtype=np.int64)
+        if len(rows):
+            pos = np.array([positions[r] for r in rows], dtype=np.int64)
+            epoch, i = np.divmod(pos, self.num_chunks)
+            cid = np.empty_like(pos)
+            offset = np.empty_like(pos)
+            for e in np.unique(epoch):  # at most two epochs meet in one batch
+                order, off = self._epoch_order(int(e))
+                sel = epoch == e
+                cid[sel], offset[sel] = order[i[sel]], off
+            # Validation noise ignores the epoch, so every validation pass scores the same corrupted text.
+            noise_epoch = epoch if self.split == "train" else np.zeros_like(epoch)
+            keys = chunk_keys(self.seed, _SPLIT_SALT[self.split], noise_epoch, cid)  # [rows] noise of each chunk
+            if len(self.tokens) >= self.raw_length:  # every chunk is full: one vectorised pass over the batch
+                chunks = self.tokens[(offset + cid * self.stride)[:, None] + np.arange(self.raw_length)]
+                if self.arch == "encoder_decoder":
+                    inp, tgt = span_corrupt_batch(
+                        chunks, keys, self.noise_density, self.mean_noise_span_length, self.first_sentinel_id,
+                        self.eos_id,
+                    )  # fmt: skip
+                else:
+                    inp, tgt = chunks[:, :-1], chunks[:, 1:]
+                if inp.shape[1] != L or tgt.shape[1] != T:  # impossible by construction of raw_length
+                    raise RuntimeError(f"chunks corrupted to {inp.shape[1]}/{tgt.shape[1]} tokens, not {L}/{T}")
+                input_ids[rows], labels[rows] = inp, tgt
+                in_len[rows], tgt_len[rows] = L, T
+            else:  # the split is shorter than one chunk: the same short chunk in every row
+                for r, key in zip(rows, keys, strict=True):
+                    chunk = self.tokens
+                    if self.arch == "encoder_decoder":
+                        rng = np.random.default_rng(int(key))
+                        inp, tgt = span_corrupt(
+                            chunk, rng, self.noise_density, self.mean_noise_span_length, self.first_sentinel_id,
+                            self.eos_id,
+                        )  # fmt: skip
+                    else:
+                        inp, tgt = chunk[:-1], chunk[1:]
+                    input_ids[r, : len(inp)], labels[r, : len(tgt)] = inp, tgt
+                    in_len[r], tgt_len[r] = len(inp), len(tgt)
         attention_mask = (np.arange(L)[None, :] < in_len[:, None]).astype(np.int64)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.arch == "encoder_decoder":

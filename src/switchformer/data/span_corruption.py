@@ -12,6 +12,10 @@ Example (sentinels ``X0 = <extra_id_0>``, ``X1 = <extra_id_1>``)::
     inputs  = [a b X0 e f g X1 EOS]
     targets = [X0 c d X1 h EOS]
 
+:func:`span_corrupt_batch` does the same for a batch of equal-length chunks in one vectorised pass (the loader's
+hot path); its randomness is a counter-based hash of a per-chunk key, so a chunk's noise does not depend on the
+batch it is in.
+
 Run the tests with ``pytest tests/data/test_span_corruption.py``.
 """
 
@@ -203,3 +207,144 @@ def span_corruption_lengths(
         tokens_length -= 1
         targets_length -= 1
     return tokens_length, targets_length
+
+
+# ------------------------------------------------------------------------------------------------ batched version
+# The loader corrupts whole batches of equal-length chunks at once. Randomness comes from a counter-based hash of a
+# per-chunk key (splitmix64), so a chunk's noise depends only on its key, not on which batch or rank it lands in.
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    z = z.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def chunk_keys(*parts: int | np.ndarray) -> np.ndarray:
+    """Hash integers (scalars or arrays, broadcast) into uint64 keys, e.g. ``chunk_keys(seed, split, epoch, ids)``."""
+    key = np.zeros((), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for p in parts:
+            key = _splitmix64(key * _GOLDEN + np.asarray(p).astype(np.uint64) + _GOLDEN)
+    return np.atleast_1d(key)
+
+
+def _random_subset_mask(keys: np.ndarray, stream: int, num_items: int, k: int) -> np.ndarray:
+    """Per row, a uniformly random subset of ``k`` of ``num_items`` positions.
+
+    Args:
+        keys: uint64 [B] row keys.
+        stream: distinguishes independent draws from the same keys.
+        num_items: positions per row.
+        k: positions chosen per row.
+
+    Returns:
+        bool [B, num_items], exactly ``k`` True per row.
+    """
+    B = len(keys)
+    with np.errstate(over="ignore"):
+        counters = (np.arange(num_items, dtype=np.uint64) + np.uint64(1)) * _GOLDEN  # [num_items]
+        draws = _splitmix64(chunk_keys(keys, stream)[:, None] + counters[None, :])  # [B, num_items] iid uint64
+    out = np.zeros((B, num_items), dtype=bool)
+    if k > 0:
+        chosen = np.argpartition(draws, k - 1, axis=1)[:, :k]  # the k smallest draws: O(num_items) per row
+        out[np.arange(B)[:, None], chosen] = True
+    return out
+
+
+def _random_segmentation_batch(keys: np.ndarray, stream: int, num_items: int, num_segments: int) -> np.ndarray:
+    """Batched :func:`_random_segmentation`: int64 [B, num_segments] lengths, each row summing to ``num_items``."""
+    B = len(keys)
+    # As T5: segment boundaries after a random (num_segments - 1)-subset of the first num_items - 1 items.
+    cuts = _random_subset_mask(keys, stream, num_items - 1, num_segments - 1)  # [B, num_items - 1]
+    cut_pos = np.nonzero(cuts)[1].reshape(B, num_segments - 1) + 1  # row-major: sorted within each row
+    edges = np.concatenate([np.zeros((B, 1), np.int64), cut_pos, np.full((B, 1), num_items, np.int64)], axis=1)
+    return np.diff(edges, axis=1)
+
+
+def random_spans_noise_mask_batch(
+    keys: np.ndarray, length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> np.ndarray:
+    """Batched :func:`random_spans_noise_mask` for ``len(keys)`` sequences of ``length >= 2`` tokens.
+
+    Same counts and same distribution (uniform random segmentations) as T5; row b's mask is a function of
+    ``keys[b]`` only.
+
+    Args:
+        keys: uint64 [B] per-sequence keys (see :func:`chunk_keys`).
+        length: tokens per sequence.
+        noise_density: fraction of noise tokens.
+        mean_noise_span_length: mean noise span length.
+
+    Returns:
+        bool [B, length], True at noise.
+    """
+    if length < 2:
+        raise ValueError(f"length must be >= 2 for the batched mask, got {length}")
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+    B = len(keys)
+    num_noise, num_spans = _counts(length, noise_density, mean_noise_span_length)
+    noise_lengths = _random_segmentation_batch(keys, 0, num_noise, num_spans)  # [B, S]
+    nonnoise_lengths = _random_segmentation_batch(keys, 1, length - num_noise, num_spans)  # [B, S]
+    interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=2).reshape(B, 2 * num_spans)
+    run_starts = np.cumsum(interleaved, axis=1)[:, :-1]  # [B, 2S - 1], strictly increasing, < length
+    indicator = np.zeros((B, length), dtype=np.int64)
+    indicator[np.arange(B)[:, None], run_starts] = 1
+    return np.cumsum(indicator, axis=1) % 2 == 1
+
+
+def _replace_runs_batch(tokens: np.ndarray, mask: np.ndarray, first_sentinel_id: int) -> np.ndarray:
+    """Row-wise :func:`_replace_spans` with sentinels ``first_sentinel_id - k``; rows must keep equal counts."""
+    prev = np.zeros_like(mask)
+    prev[:, 1:] = mask[:, :-1]
+    first = mask & ~prev
+    run_index = np.cumsum(first, axis=1) - 1
+    out = np.where(first, first_sentinel_id - run_index, tokens.astype(np.int64))
+    keep = ~(mask & prev)
+    return out[keep].reshape(len(tokens), -1)
+
+
+def span_corrupt_batch(
+    tokens: np.ndarray,
+    keys: np.ndarray,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    first_sentinel_id: int | None = None,
+    eos_id: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Span-corrupt a batch of equal-length sequences at once (the loader's hot path).
+
+    Row b equals ``span_corrupt(tokens[b], None, ..., noise_mask=random_spans_noise_mask_batch(keys, ...)[b])``.
+
+    Args:
+        tokens: int array [B, length], length >= 2.
+        keys: uint64 [B] per-row keys.
+        noise_density: fraction of corrupted tokens.
+        mean_noise_span_length: mean span length.
+        first_sentinel_id: id of ``<extra_id_0>``; sentinel k is ``first_sentinel_id - k``.
+        eos_id: appended to inputs and targets.
+
+    Returns:
+        ``(inputs, targets)``: int64 [B, length - noise + spans + 1] and [B, noise + spans + 1].
+    """
+    if first_sentinel_id is None:
+        raise TypeError("span_corrupt_batch needs first_sentinel_id (the id of <extra_id_0>)")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    B, length = tokens.shape
+    mask = random_spans_noise_mask_batch(keys, length, noise_density, mean_noise_span_length)  # [B, length]
+    # T5: inputs replace noise runs by sentinel k; targets replace the non-noise runs. Masks start with non-noise
+    # and end with noise, so non-noise run k is followed by noise span k and gets sentinel k as well.
+    inputs = _replace_runs_batch(tokens, mask, first_sentinel_id)
+    targets = _replace_runs_batch(tokens, ~mask, first_sentinel_id)
+    eos = np.full((B, 1), eos_id, dtype=np.int64)
+    return np.concatenate([inputs, eos], axis=1), np.concatenate([targets, eos], axis=1)
