@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from switchformer.config import DataConfig
-from switchformer.data import Corpus, Tokenizer, get_tokenizer, load_corpus
+from switchformer.data import Corpus, Tokenizer, get_tokenizer, load_corpus, train_tokenizer
 from switchformer.data import tokenizer as tokenizer_module
 
 
@@ -116,3 +116,11 @@ def test_vocab_too_large_is_a_clear_error():
 def test_is_sentinel(tiny_tok: Tokenizer):
     ids = np.array([0, 1, 399, 400, 499])
     assert tiny_tok.is_sentinel(ids).tolist() == [False, False, False, True, True]
+
+
+def test_training_is_deterministic(tiny_texts: list[str], tiny_tok: Tokenizer):
+    assert train_tokenizer(tiny_texts, vocab_size=400)._proto == tiny_tok._proto
+    # Large corpora are subsampled by a fixed stride (not SentencePiece's random sampler).
+    lines = list(tokenizer_module._training_lines(tiny_texts, max_lines=100))
+    assert 50 <= len(lines) <= 100 and lines == list(tokenizer_module._training_lines(tiny_texts, max_lines=100))
+    assert all(line.strip() and "\n" not in line for line in lines)
