@@ -1,0 +1,116 @@
+"""Pre-training benchmark: Switch vs the FLOP-matched dense model (`switchformer compare`) over several seeds.
+
+Targets (issue 4): Switch reaches the dense model's final validation loss in <= 0.75x the steps and <= 0.85x the
+training wall time (mean over 3 seeds), with throughput >= 0.9x dense tokens/s.
+
+    python benchmarks/bench_pretrain.py                 # configs/default.toml, seeds 0 1 2 (about 2 x 3 runs)
+    python benchmarks/bench_pretrain.py --quick         # tiny config, 1 seed, seconds: a smoke test of the script
+    python benchmarks/bench_pretrain.py --config configs/decoder.toml train.steps=900
+
+Writes ``benchmarks/results/pretrain_cpu_<date>.{md,json}`` and ``..._loss.png`` (or ``--results-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from switchformer.cli import build_config, find_recipe
+from switchformer.config import apply_overrides, to_toml
+from switchformer.train.compare import compare
+
+HERE = Path(__file__).resolve().parent
+TARGETS = {"step_ratio": ("<=", 0.75), "time_ratio": ("<=", 0.85), "throughput_ratio": (">=", 0.9)}
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides (train.steps=900 ...)")
+    ap.add_argument("--config", default=None, help="recipe (default: configs/default.toml; --quick: tiny_test)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
+    ap.add_argument("--quick", action="store_true", help="tiny config, one seed: checks the script end to end")
+    ap.add_argument("--runs-dir", default=None, help="where the runs go (default runs/bench_pretrain_<date>)")
+    ap.add_argument("--results-dir", default=str(HERE / "results"), help="where the report goes")
+    args = ap.parse_args(argv)
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M")
+    config = args.config or ("tiny_test" if args.quick else "default")
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    base = build_config(config, args.overrides)
+    if args.quick:
+        base = apply_overrides(base, ["train.steps=12", "train.eval_every=4", "train.progress=false"])
+    runs_dir = Path(args.runs_dir or f"runs/bench_pretrain_{stamp}")
+    tag = f"pretrain_cpu{'_quick' if args.quick else ''}_{stamp}"
+
+    per_seed = []
+    for seed in seeds:
+        cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
+                                     f"out_dir={runs_dir}"])
+        s = compare(cfg, out_dir=runs_dir / f"seed{seed}")
+        s["seed"] = seed
+        per_seed.append(s)
+
+    keys = ["step_ratio", "time_ratio", "throughput_ratio", "dense_final_val_loss", "switch_final_val_loss",
+            "switch_tokens_per_s", "dense_tokens_per_s", "dense_train_seconds"]
+    mean = {k: _mean([s[k] for s in per_seed]) for k in keys}
+    met = {}
+    for k, (op, bound) in TARGETS.items():
+        v = mean[k]
+        met[k] = v is not None and (v <= bound if op == "<=" else v >= bound)
+    report = {
+        "date_utc": stamp, "config": str(find_recipe(config)), "overrides": args.overrides, "quick": args.quick,
+        "seeds": seeds, "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                                     "torch_threads": torch.get_num_threads()},
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        "per_seed": per_seed, "mean": mean, "targets": {k: f"{op} {b}" for k, (op, b) in TARGETS.items()},
+        "targets_met": met, "run_config": to_toml(base),
+    }
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(report, indent=2))
+
+    from switchformer.plot import plot_losses
+
+    dirs = [Path(s["switch_run"]) for s in per_seed] + [Path(s["dense_run"]) for s in per_seed]
+    plot_losses(dirs, out / f"{tag}_loss.png")
+    plot_losses(dirs, out / f"{tag}_loss_by_time.png", x="train_seconds")
+
+    def f(v, fmt=".3f"):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [f"# Pre-training: Switch vs FLOP-matched dense ({'quick smoke run' if args.quick else 'CPU'}, {stamp})",
+             "", f"Config: `{report['config']}` {' '.join(args.overrides)}; seeds {seeds}; "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}.", "",
+             "| seed | dense final val loss | Switch final val loss | step ratio | time ratio | Switch tok/s | "
+             "dense tok/s | throughput ratio |", "|---|---|---|---|---|---|---|---|"]
+    for s in per_seed:
+        lines.append(f"| {s['seed']} | {f(s['dense_final_val_loss'])} | {f(s['switch_final_val_loss'])} | "
+                     f"{f(s['step_ratio'], '.2f')} | {f(s['time_ratio'], '.2f')} | "
+                     f"{f(s['switch_tokens_per_s'], '.0f')} | "
+                     f"{f(s['dense_tokens_per_s'], '.0f')} | {f(s['throughput_ratio'], '.2f')} |")
+    lines += ["", "Mean over seeds:", ""]
+    for k, (op, b) in TARGETS.items():
+        lines.append(f"- {k}: {f(mean[k], '.3f')} (target {op} {b}: {'met' if met[k] else 'NOT met'})")
+    lines += ["", "step ratio = Switch steps to reach the dense model's final validation loss / dense steps; time "
+              "ratio likewise in training wall time (evaluation excluded); both interpolated between evaluations.",
+              f"Plots: `{tag}_loss.png`, `{tag}_loss_by_time.png`."]
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / (tag + '.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
