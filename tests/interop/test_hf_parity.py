@@ -214,3 +214,19 @@ def test_from_transformers_in_memory(hf_dir):
                                    atol=ATOL, rtol=0)
     w = ours.state_dict()["encoder.block.1.layer.1.mlp.experts.w_in"]
     assert w.data_ptr() != hf_model.encoder.block[1].layer[1].mlp.experts["expert_0"].wi.weight.data_ptr()
+
+
+def test_sparse_layout_comes_from_the_weights(hf_dir):
+    """switch-c-2048's config.json says decoder_sparse_step 0 although its decoder has experts (anchors.md §4)."""
+    hf_model, d = hf_dir(seed=7, expert_capacity=5)
+    raw = json.loads((d / "config.json").read_text())
+    raw.update(decoder_sparse_step=0, encoder_sparse_step=1)  # both wrong: the weights have block 1 sparse
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match="disagrees with the weights"):
+        ours = switchformer.from_pretrained(d)
+    assert (ours.config.encoder_sparse_step, ours.config.decoder_sparse_step) == (2, 2)
+    ids, mask, labels = _batch(seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
+                                   hf_model(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                                   atol=ATOL, rtol=0)
