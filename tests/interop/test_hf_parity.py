@@ -230,3 +230,15 @@ def test_sparse_layout_comes_from_the_weights(hf_dir):
         torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
                                    hf_model(input_ids=ids, attention_mask=mask, labels=labels).logits,
                                    atol=ATOL, rtol=0)
+
+
+def test_capacity_factor_model_saves_with_warning(tmp_path):
+    cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=24, d_kv=4, num_heads=4, num_layers=2, num_decoder_layers=2,
+                      moe=MoEConfig(num_experts=2, top_k=2))
+    model = build_model(cfg).eval()
+    with pytest.warns(UserWarning, match="route differently") as rec:
+        H.save_pretrained(model, tmp_path, expert_capacity=7)
+    assert "top_k=2" in str(rec[0].message) and "capacity factors" in str(rec[0].message)
+    assert json.loads((tmp_path / "config.json").read_text())["expert_capacity"] == 7
+    assert switchformer.from_pretrained(tmp_path).config == cfg  # our semantics come back through the marker
+    _hf_load(tmp_path)
