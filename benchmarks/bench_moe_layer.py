@@ -1,0 +1,227 @@
+"""Benchmark SwitchFFN against a FLOP-matched dense FFN, the one-hot einsum oracle, and transformers' layer.
+
+    python benchmarks/bench_moe_layer.py            # the issue's setting: 16 x 512 tokens, d_model 512, d_ff 2048
+    python benchmarks/bench_moe_layer.py --quick    # a small smoke run (the README's `make demo`)
+
+Every contestant processes the same tokens: the dense FFN has the d_ff of one expert (equal FLOPs per token);
+ours runs at capacity factor 1.0 and dropless; transformers' SwitchTransformersSparseMLP runs with
+``expert_capacity`` = sequence length so it drops nothing, against our dropless layer. Timings are medians of
+interleaved repetitions (the machine is shared and noisy: compare ratios from one run, not absolute times).
+Activation memory is the bytes autograd saves for backward (parameters excluded), measured with
+``torch.autograd.graph.saved_tensors_hooks``. The profile splits our forward+backward into expert matmuls and
+everything else (routing, sorting, gathering, scattering), by timing the experts alone on pre-dispatched tokens.
+
+Writes ``benchmarks/results/moe_layer_<device>_<date>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from switchformer.moe import SwitchFFN, einsum_switch_reference, expert_capacity
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.wi = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.wo(F.relu(self.wi(x)))
+
+
+class OracleFFN(nn.Module):
+    """The paper's one-hot einsum dispatch (Fig. 15/16) with one routing group per sequence."""
+
+    def __init__(self, layer: SwitchFFN, seq: int) -> None:
+        super().__init__()
+        self.layer, self.seq = layer, seq
+
+    def forward(self, x):
+        layer = self.layer
+        B, S, M = x.shape
+        routed = layer.router(x.reshape(-1, M))
+        cap = expert_capacity(S, layer.num_experts, layer.capacity_factor, min_capacity=layer.min_capacity)
+        y, _ = einsum_switch_reference(
+            x, routed.expert_index_TK.view(B, S, 1), routed.gates_TK.view(B, S, 1), routed.use_TK.view(B, S, 1), cap,
+            layer.experts.w_in, layer.experts.w_out,
+        )
+        return y
+
+
+def hf_layer(d_model: int, d_ff: int, num_experts: int, seq: int):
+    try:
+        from transformers import SwitchTransformersConfig
+        from transformers.models.switch_transformers.modeling_switch_transformers import (
+            SwitchTransformersSparseMLP,
+        )
+    except ImportError:
+        return None
+    cfg = SwitchTransformersConfig(
+        d_model=d_model, d_ff=d_ff, num_experts=num_experts, expert_capacity=seq, router_jitter_noise=0.01,
+        dropout_rate=0.0,
+    )
+    return SwitchTransformersSparseMLP(cfg)
+
+
+def run(module, x, backward: bool):
+    if backward:
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(torch.ones_like(y))
+    else:
+        with torch.no_grad():
+            module(x)
+
+
+def activation_bytes(module, x) -> int:
+    params = {p.data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params and t.data_ptr() not in seen:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    del out
+    return sum(seen.values())
+
+
+def dispatched_for_experts(layer: SwitchFFN, x):
+    """The layer's own dispatch of x, as a leaf input for timing the experts alone."""
+    with torch.no_grad():
+        x_TM = x.reshape(-1, layer.d_model)
+        routed = layer.router(x_TM)
+        from switchformer.moe import plan_routing
+
+        T = x_TM.shape[0]
+        cap = expert_capacity(T, layer.num_experts, layer.capacity_factor, min_capacity=layer.min_capacity)
+        plan = plan_routing(routed.expert_index_TK, routed.gates_TK, routed.use_TK, num_experts=layer.num_experts,
+                            group_T=torch.zeros(T, dtype=torch.long), num_groups=1, capacity=cap)
+        d = layer.dispatcher.dispatch(x_TM, plan)
+    xin = d.x.detach().requires_grad_(True)
+    return xin, d.counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
+    ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions per contestant")
+    ap.add_argument("--experts", type=int, nargs="+", default=None)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    if args.quick:
+        batch, seq, d_model, d_ff, experts, reps = 4, 128, 128, 512, args.experts or [1, 8], min(args.reps, 3)
+    else:
+        batch, seq, d_model, d_ff, experts, reps = 16, 512, 512, 2048, args.experts or [1, 8, 32, 128], args.reps
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rows = []
+    dense = DenseFFN(d_model, d_ff).to(device, dtype)
+    for E in experts:
+        ours_cf1 = SwitchFFN(d_model, d_ff, E, capacity_factor=1.0).to(device, dtype)
+        ours_dropless = SwitchFFN(d_model, d_ff, E, capacity_factor=None).to(device, dtype)
+        ours_dropless.load_state_dict(ours_cf1.state_dict())
+        contestants = {"dense": dense, "ours_cf1.0": ours_cf1, "ours_dropless": ours_dropless,
+                       "oracle_einsum": OracleFFN(ours_cf1, seq)}
+        hf = hf_layer(d_model, d_ff, E, seq)
+        if hf is not None:
+            hf = hf.to(device, dtype)
+            contestants["transformers"] = hf
+        xin, counts = dispatched_for_experts(ours_cf1, x)
+        experts_mod = ours_cf1.experts
+
+        class _ExpertsOnly(nn.Module):  # noqa: N801 - times the expert matmuls alone
+            def __init__(self):
+                super().__init__()
+                self.experts = experts_mod
+
+            def forward(self, _x):
+                return self.experts(xin, counts)
+
+        contestants["experts_only"] = _ExpertsOnly()
+        times = {(name, bwd): [] for name in contestants for bwd in (False, True)}
+        for name, mod in contestants.items():  # warm-up
+            mod.train()
+            run(mod, x, False)
+            run(mod, x, True)
+        for _ in range(reps):
+            for bwd in (False, True):
+                for name, mod in contestants.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    run(mod, x, bwd)
+                    sync()
+                    times[(name, bwd)].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mem = {name: activation_bytes(mod, x) for name, mod in contestants.items() if name != "experts_only"}
+        row = {"num_experts": E}
+        for (name, bwd), t in med.items():
+            row[f"{name}_{'fwdbwd' if bwd else 'fwd'}_ms"] = 1e3 * t
+        for name, b in mem.items():
+            row[f"{name}_activation_MB"] = b / 2**20
+        for bwd in (False, True):
+            tag = "fwdbwd" if bwd else "fwd"
+            row[f"ours_cf1_over_dense_{tag}"] = med[("ours_cf1.0", bwd)] / med[("dense", bwd)]
+            row[f"ours_dropless_over_dense_{tag}"] = med[("ours_dropless", bwd)] / med[("dense", bwd)]
+            row[f"oracle_over_ours_{tag}"] = med[("oracle_einsum", bwd)] / med[("ours_cf1.0", bwd)]
+            if hf is not None:
+                row[f"transformers_over_ours_{tag}"] = med[("transformers", bwd)] / med[("ours_dropless", bwd)]
+                row[f"transformers_over_dense_{tag}"] = med[("transformers", bwd)] / med[("dense", bwd)]
+            row[f"routing_share_{tag}"] = 1 - med[("experts_only", bwd)] / med[("ours_cf1.0", bwd)]
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    meta = {
+        "date": datetime.date.today().isoformat(), "device": str(device), "dtype": str(dtype),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "processor": platform.processor(), "shape": {"batch": batch, "seq": seq, "d_model": d_model, "d_ff": d_ff},
+        "reps": reps, "quick": args.quick,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"moe_layer_{device.type}_{meta['date']}" + ("_quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md = [f"# SwitchFFN benchmark ({device.type}, {dtype}, {meta['date']})", "",
+          f"{batch} x {seq} tokens, d_model {d_model}, d_ff {d_ff}; torch {torch.__version__}, "
+          f"{meta['threads']} threads; medians of {reps} interleaved repetitions. Ratios > 1 mean slower.", "",
+          "| E | ours cf1.0 / dense (fwd+bwd) | ours cf1.0 / dense (fwd) | transformers / ours dropless (fwd+bwd) "
+          "| transformers / ours (fwd) | oracle / ours (fwd+bwd) | routing share of ours (fwd+bwd) "
+          "| activation MB: dense / ours / transformers / oracle |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hf_b = f"{r.get('transformers_over_ours_fwdbwd', float('nan')):.2f}"
+        hf_f = f"{r.get('transformers_over_ours_fwd', float('nan')):.2f}"
+        mems = " / ".join(f"{r.get(f'{n}_activation_MB', float('nan')):.0f}"
+                          for n in ("dense", "ours_cf1.0", "transformers", "oracle_einsum"))
+        md.append(f"| {r['num_experts']} | {r['ours_cf1_over_dense_fwdbwd']:.3f} | {r['ours_cf1_over_dense_fwd']:.3f} "
+                  f"| {hf_b} | {hf_f} | {r['oracle_over_ours_fwdbwd']:.2f} | {100 * r['routing_share_fwdbwd']:.1f}% "
+                  f"| {mems} |")
+    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
