@@ -93,7 +93,7 @@ def test_skip_nonfinite_continues(out_dir):
 def _cli(out_dir, name, *extra):
     return [sys.executable, "-m", "switchformer.cli", "train", str(TINY), f"out_dir={out_dir}", f"name={name}",
             "train.num_threads=1", "train.steps=60", "train.checkpoint_every=3", "train.eval_every=6",
-            "train.keep_checkpoints=2", *extra]
+            "train.keep_checkpoints=2", "train.log_every=2", *extra]
 
 
 def _records(run_dir):

@@ -123,6 +123,11 @@ def compare(cfg: RunConfig, *, out_dir: str | Path | None = None, print_fn: Call
         while out_dir.exists():
             out_dir = Path(cfg.out_dir) / f"{cfg.name}-compare-{i}"
             i += 1
+    if cfg.train.max_minutes > 0:
+        # the budget is the step count: a wall-clock cut-off would give the two models different step counts
+        tc = cfg.train
+        print_fn(f"compare: ignoring train.max_minutes={tc.max_minutes}; both models train {tc.steps} steps")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=0.0))
     out_dir = Path(out_dir)
     sw_dir, de_dir = out_dir / cfg.name, out_dir / f"{cfg.name}-dense"
     print_fn(f"== Switch model -> {sw_dir}")

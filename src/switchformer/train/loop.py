@@ -347,7 +347,9 @@ def train(
 
         last_step = step == tc.steps
         over_time = tc.max_minutes > 0 and train_seconds >= tc.max_minutes * 60
-        if step % tc.log_every == 0 or last_step or over_time:
+        ckpt_due = (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0) or last_step or over_time
+        # a log window also closes at every checkpoint, so a resumed run's windows match the uninterrupted run's
+        if step % tc.log_every == 0 or ckpt_due:
             rs = window_stats.summary()
             rec = {"kind": "train", "step": step, "loss": window_loss / max(window_n, 1),
                    "lm_loss": window_lm / max(window_n, 1),
@@ -374,7 +376,7 @@ def train(
             drop = f", dropped {ev['drop_fraction']:.2%}" if "drop_fraction" in ev else ""
             say(f"step {step:>6}  val loss {ev['val_loss']:.4f}  neg log perplexity {ev['neg_log_perplexity']:.4f}"
                 f"{drop}  ({train_seconds:.0f}s)")
-        if (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0) or last_step or over_time:
+        if ckpt_due:
             state = {"train_seconds": train_seconds, "tokens_seen": tokens_seen, "skipped_steps": skipped,
                      "lr": lr_at(step - 1, cfg.optim, tc.steps), "schedule": cfg.optim.schedule,
                      "data": comp.train_loader.state_dict() if hasattr(comp.train_loader, "state_dict") else None,
