@@ -69,12 +69,18 @@ class RoutingPlan:
     def tokens_per_expert(self) -> torch.Tensor:
         """``[E]`` int64: tokens each expert processes, after capacity."""
         expert = torch.where(self.kept_A, self.expert_A, self.num_experts)
-        return torch.bincount(expert, minlength=self.num_experts + 1)[: self.num_experts]
+        return _count(expert, self.num_experts + 1)[: self.num_experts]
 
     def kept_per_token(self) -> torch.Tensor:
         """``[T]`` int64: how many of each token's choices were kept."""
         out = torch.zeros(self.num_tokens, dtype=torch.long, device=self.token_A.device)
         return out.index_add_(0, self.token_A, self.kept_A.long())
+
+
+def _count(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``bincount`` with a known size. torch.bincount reads ``index.max()`` back to the host on accelerators; a
+    scatter-add into a fixed-size buffer keeps the static-capacity path free of host syncs."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 def _sorted_positions(segment_A: torch.Tensor, tiebreak_A: torch.Tensor, num_segments: int, span: int):
@@ -85,7 +91,7 @@ def _sorted_positions(segment_A: torch.Tensor, tiebreak_A: torch.Tensor, num_seg
     key_A = segment_A * span + tiebreak_A
     order_A = torch.argsort(key_A)
     seg_sorted_A = segment_A[order_A]
-    counts = torch.bincount(segment_A, minlength=num_segments)
+    counts = _count(segment_A, num_segments)
     starts = torch.cumsum(counts, 0) - counts
     position_A = torch.arange(order_A.numel(), device=order_A.device) - starts[seg_sorted_A]
     return order_A, seg_sorted_A, position_A
@@ -165,7 +171,8 @@ def _no_token_left_behind(
     gate_T[token_A[kept_A]] = gate_A[kept_A]
     wants_T = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     wants_T[token_A[used_A]] = True  # real tokens (padding never routes)
-    fill_S = torch.bincount(expert_A[kept_A] * num_groups + group_A[kept_A], minlength=num_experts * num_groups)
+    fill_S = _count(torch.where(kept_A, expert_A * num_groups + group_A, num_experts * num_groups),
+                    num_experts * num_groups + 1)[:-1]
     num_segments = num_experts * num_groups
     for r in range(fallback_index_TR.shape[1]):  # a few rounds (ntlb_top_k - 1), never a loop over tokens
         waiting_T = wants_T & (expert_T < 0)
@@ -178,7 +185,7 @@ def _no_token_left_behind(
         expert_T[tok] = fallback_index_TR[tok, r]
         position_T[tok] = pos_T[take_T]
         gate_T[tok] = fallback_gates_TR[tok, r]
-        fill_S = fill_S + torch.bincount(seg_sorted_T[take_T], minlength=num_segments)
+        fill_S = fill_S + _count(torch.where(take_T, seg_sorted_T, num_segments), num_segments + 1)[:-1]
     placed_T = expert_T >= 0
     segment_T = torch.where(placed_T, expert_T * num_groups + group_T, num_segments)
     token_ids_T = torch.arange(num_tokens, device=device)
