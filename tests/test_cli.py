@@ -78,3 +78,14 @@ def test_parser_resume_forms():
     assert p.parse_args(["train", "--resume"]).resume is True
     assert p.parse_args(["train", "--resume", "runs/x"]).resume == "runs/x"
     assert p.parse_args(["train"]).resume is False
+
+
+def test_decoder_only_flag_with_overrides_after_it(tmp_path, capsys):
+    tiny = str(ROOT / "configs" / "tiny_test.toml")
+    assert main(["train", tiny, "--decoder-only", f"out_dir={tmp_path}", "name=dec", "train.steps=2",
+                 "train.num_threads=1"]) == 0
+    cfg_text = (tmp_path / "dec" / "config.toml").read_text()
+    assert 'arch = "decoder_only"' in cfg_text and 'objective = "causal_lm"' in cfg_text
+    assert main(["generate", str(tmp_path / "dec"), "--prompt", "import os", "--max-new-tokens", "3"]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--no-such-flag"])

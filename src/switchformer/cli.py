@@ -225,7 +225,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``switchformer``)."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    # parse_known_args so overrides may come after flags (train --decoder-only train.steps=5); leftovers must be
+    # overrides of a subcommand that takes them
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        bad = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
