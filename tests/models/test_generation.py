@@ -157,3 +157,22 @@ def test_bad_generate_args(make_cfg):
                       ({"num_beams": 0}, "num_beams")):
         with pytest.raises(ValueError, match=match):
             model.generate(ids, **kw)
+
+
+@pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
+def test_decode_fast_path_equals_switch_layer(make_cfg, proj):
+    from switchformer.models.blocks import decode_fast_path_ok, switch_ffn_decode
+
+    model = build_model(make_cfg(feed_forward_proj=proj)).eval()
+    mlp = model.decoder.block[1].layer[2].mlp
+    x = torch.randn(5, 1, 32)
+    mask = torch.tensor([True, False, True, True, True])[:, None]
+    assert decode_fast_path_ok(mlp, x)  # dropless eval config
+    with torch.no_grad():
+        ref, _ = mlp(x, padding_mask=mask)
+        for method in ("gather", "loop"):
+            torch.testing.assert_close(switch_ffn_decode(mlp, x, mask, method=method), ref, rtol=1e-5, atol=1e-6)
+    mlp.eval_capacity_factor = 1.0
+    assert not decode_fast_path_ok(mlp, x)  # a finite capacity could drop tokens: use the general layer
+    mlp.train()
+    assert not decode_fast_path_ok(mlp, x)

@@ -98,6 +98,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused op, bitwise equal to the expression below in float32 (matters for generation speed).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
@@ -378,6 +381,81 @@ class LayerCrossAttention(nn.Module):
         return x + self.dropout(h), routers
 
 
+# Largest gathered expert-weight tensor (elements) the decode fast path may build: tokens x d_ff x d_model.
+_DECODE_GATHER_LIMIT = 2**25
+
+
+def decode_fast_path_ok(mlp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``switch_ffn_decode`` computes exactly what ``mlp`` (a SwitchFFN) would: eval mode, top-1, dropless
+    (generation sets the capacities to None), the local dispatcher (all experts on this device), few tokens."""
+    from switchformer.moe.dispatch import LocalDispatcher
+
+    tokens = x.numel() // x.shape[-1]
+    w_in = mlp.experts.w_in
+    return (
+        not mlp.training
+        and mlp.top_k == 1
+        and mlp.expert_capacity is None
+        and mlp.eval_capacity_factor is None
+        and type(mlp.dispatcher) is LocalDispatcher
+        and tokens * w_in.shape[1] * w_in.shape[2] <= _DECODE_GATHER_LIMIT
+    )
+
+
+def switch_ffn_decode(
+    mlp: nn.Module, x: torch.Tensor, padding_mask: torch.Tensor | None, *, method: str | None = None
+) -> torch.Tensor:
+    """SwitchFFN forward for the few tokens of a generation step, without router statistics.
+
+    Same maths as the dropless layer in eval mode (Eq. 2: the chosen expert's output scaled by its router
+    probability), with far fewer ops than the general sort/capacity/dispatch machinery, which dominates a decode
+    step at small sizes. Two methods:
+
+    - ``"gather"`` (accelerators): each token gathers its expert's matrices (``w_in[idx]``: ``[T, F, M]``) for one
+      batched matvec: ~10 kernels and no host sync; the weight copy is cheap at GPU bandwidth.
+    - ``"loop"`` (CPU, where a host sync is free but copying weights is not): sort the tokens by expert and run one
+      small matmul pair per expert that received tokens.
+
+    Args:
+        mlp: a SwitchFFN for which ``decode_fast_path_ok`` holds.
+        x: ``[B, t, M]``.
+        padding_mask: ``[B, t]`` bool (False rows get zero output, as in the layer), or None.
+        method: "gather" or "loop"; None picks by device.
+    """
+    router, experts = mlp.router, mlp.experts
+    x_TM = x.reshape(-1, x.shape[-1])
+    logits = F.linear(x_TM.to(router.router_dtype), router.weight.to(router.router_dtype))
+    gate_T, index_T = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    gated = experts.w_gate is not None
+    method = method or ("loop" if x.device.type == "cpu" else "gather")
+    if method == "gather":
+        x_TM1 = x_TM.unsqueeze(-1)
+        h = torch.bmm(experts.w_in[index_T], x_TM1)  # [T, F, 1]
+        if gated:
+            h = F.gelu(torch.bmm(experts.w_gate[index_T], x_TM1), approximate="tanh") * h
+        else:
+            h = F.relu(h)
+        y = torch.bmm(experts.w_out[index_T], h).squeeze(-1)
+    elif method == "loop":
+        order = torch.argsort(index_T)
+        counts = torch.bincount(index_T, minlength=experts.w_in.shape[0]).tolist()
+        outs = []
+        for e, chunk in enumerate(x_TM[order].split(counts)):
+            if chunk.shape[0] == 0:
+                continue
+            h = F.linear(chunk, experts.w_in[e])
+            h = F.gelu(F.linear(chunk, experts.w_gate[e]), approximate="tanh") * h if gated else F.relu(h)
+            outs.append(F.linear(h, experts.w_out[e]))
+        y = torch.empty_like(x_TM)
+        y[order] = torch.cat(outs)
+    else:
+        raise ValueError(f"method must be 'gather', 'loop' or None, got {method!r}")
+    y = y * gate_T.to(x.dtype).unsqueeze(-1)
+    if padding_mask is not None:
+        y = y * padding_mask.reshape(-1, 1).to(y.dtype)
+    return y.view(x.shape)
+
+
 class LayerFF(nn.Module):
     """``x + drop(mlp(layer_norm(x)))`` where ``mlp`` is a ``DenseFFN`` or a ``SwitchFFN`` (sparse block)."""
 
@@ -395,9 +473,15 @@ class LayerFF(nn.Module):
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """Returns ``(x + drop(mlp(norm(x))), MoEAux or None)``; padding is not routed (SwitchFFN padding_mask)."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, decode: bool = False):
+        """Returns ``(x + drop(mlp(norm(x))), MoEAux or None)``; padding is not routed (SwitchFFN padding_mask).
+
+        ``decode=True`` (generation steps that do not collect router results) lets a sparse block take the
+        ``switch_ffn_decode`` fast path when it is exact; the aux is then None.
+        """
         h = self.layer_norm(x)
+        if self.sparse and decode and decode_fast_path_ok(self.mlp, h):
+            return x + self.dropout(switch_ffn_decode(self.mlp, h, padding_mask)), None
         if self.sparse:
             y, aux = self.mlp(h, padding_mask=padding_mask)
             return x + self.dropout(y), aux

@@ -166,7 +166,7 @@ class SwitchDecoderLM(nn.Module):
             x, attn_routers = block.layer[0](
                 x, mask, padding_mask=padding_mask, cache=(cache.kv[i, 0], cache.kv[i, 1]), cache_pos=pos
             )
-            x, aux = block.layer[1](x, padding_mask=padding_mask)
+            x, aux = block.layer[1](x, padding_mask=padding_mask, decode=not collect_router)
             if collect_router:
                 for r in attn_routers:
                     r.name = f"decoder.block.{i}.layer.0.SelfAttention.{r.name}"

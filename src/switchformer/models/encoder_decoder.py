@@ -286,7 +286,7 @@ class SwitchTransformer(nn.Module):
             x, cross_routers = block.layer[1](
                 x, cache.cross_mask, static_kv=cache.cross_kv[i], padding_mask=padding_mask
             )
-            x, aux = block.layer[2](x, padding_mask=padding_mask)
+            x, aux = block.layer[2](x, padding_mask=padding_mask, decode=not collect_router)
             if collect_router:
                 for r in self_routers:
                     r.name = f"decoder.block.{i}.layer.0.SelfAttention.{r.name}"
