@@ -45,7 +45,7 @@ def test_padded_batch_generation_matches_single_rows(make_cfg):
     for arch in ("encoder_decoder", "decoder_only"):
         model = build_model(make_cfg(arch=arch)).eval()
         rows = [torch.randint(2, 64, (n,)) for n in (3, 6, 5)]
-        ids = torch.zeros(3, 6, dtype=torch.long)
+        ids = torch.full((3, 6), 7, dtype=torch.long)  # junk under the padding
         mask = torch.zeros(3, 6, dtype=torch.long)
         for i, r in enumerate(rows):  # right padding; decoder-only moves it to the left internally
             ids[i, : len(r)], mask[i, : len(r)] = r, 1
@@ -53,8 +53,9 @@ def test_padded_batch_generation_matches_single_rows(make_cfg):
         for i, r in enumerate(rows):
             single = model.generate(r[None], max_new_tokens=5)
             assert torch.equal(batch[i, -5:], single[0, -5:]), (arch, i)
-            if arch == "decoder_only":  # prompt returned left-padded
+            if arch == "decoder_only":  # prompt returned left-padded, padding shown as the pad id
                 assert torch.equal(batch[i, :6][6 - len(r):], r)
+                assert (batch[i, : 6 - len(r)] == 0).all()
 
 
 def test_left_padded_prompt_recompute(make_cfg):

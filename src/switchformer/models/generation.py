@@ -218,6 +218,8 @@ def generate(
             step_mask = None
         else:
             ids, mask = left_pad(input_ids, None if attention_mask is None else attention_mask.to(device))
+            if mask is not None:  # the returned prompt shows padding as the pad id, whatever the input held there
+                ids = ids.masked_fill(~mask, pad)
             if K > 1:
                 ids = ids.repeat_interleave(K, 0)
                 mask = None if mask is None else mask.repeat_interleave(K, 0)

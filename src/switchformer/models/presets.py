@@ -210,8 +210,8 @@ def describe(name: str) -> str:
     pub = PUBLISHED.get(name)
     if pub:
         ref = pub.get("params_precise", pub["params"])
-        lines.append(f"published       {_human(pub['params'])} parameters (ours {100 * (params / ref - 1):+.2f}% vs "
-                     f"{_human(ref)})")
+        shown = f"{pub['params']:,}" if isinstance(pub["params"], int) else _human(pub["params"])
+        lines.append(f"published       {shown} parameters (ours {100 * (params / ref - 1):+.2f}% vs {_human(ref)})")
         if "flops_per_seq" in pub:
             body = flops_per_sequence(cfg, include_logits_and_router=False)
             lines.append(f"published       {_human(pub['flops_per_seq'])} FLOPs/seq (Table 9); ours without logits "
