@@ -234,3 +234,23 @@ def test_init_scale(make_cfg):
     assert math.isclose(q.std().item(), math.sqrt(0.1 / 256) * 0.8796, rel_tol=0.03)
     assert math.isclose(wo.std().item(), math.sqrt(0.1 / 512) * 0.8796, rel_tol=0.03)
     assert math.isclose(model.shared.weight.std().item(), 1.0, rel_tol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_save_and_from_pretrained_round_trip(make_cfg, arch, tmp_path):
+    import warnings
+
+    import switchformer
+
+    model = build_model(make_cfg(arch=arch)).eval()
+    with warnings.catch_warnings():  # the adapter warns that transformers routes with a fixed capacity
+        warnings.simplefilter("ignore", UserWarning)
+        model.save_pretrained(tmp_path / "ckpt")
+    loaded = switchformer.from_pretrained(tmp_path / "ckpt")
+    assert type(loaded) is type(model)
+    ids = torch.randint(2, 64, (2, 5))
+    kw = {"decoder_input_ids": ids[:, :3]} if arch == "encoder_decoder" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, **kw).logits, model(ids, **kw).logits, rtol=0, atol=0)
+    again = type(model).from_pretrained(tmp_path / "ckpt")
+    assert set(again.state_dict()) == set(model.state_dict())

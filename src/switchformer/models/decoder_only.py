@@ -182,11 +182,12 @@ class SwitchDecoderLM(nn.Module):
         """Generate prompt + continuation; see ``switchformer.models.generation``."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def save_pretrained(self, path) -> None:
-        """Write config + safetensors weights (``switchformer.interop.hf.save_pretrained``)."""
+    def save_pretrained(self, path, **kwargs):
+        """Write config.json + safetensors (``switchformer.interop.hf.save_pretrained``: transformers' layout when
+        transformers has the architecture, else switchformer's native layout); kwargs go through."""
         from switchformer.interop.hf import save_pretrained
 
-        save_pretrained(self, path)
+        return save_pretrained(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_id, **kwargs) -> nn.Module:

@@ -307,11 +307,12 @@ class SwitchTransformer(nn.Module):
         """Generate decoder ids (starting with ``decoder_start_token_id``); see ``switchformer.models.generation``."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def save_pretrained(self, path) -> None:
-        """Write config + safetensors weights in transformers' layout (``switchformer.interop.hf``)."""
+    def save_pretrained(self, path, **kwargs):
+        """Write config.json + safetensors (``switchformer.interop.hf.save_pretrained``: transformers' layout when
+        transformers has the architecture, else switchformer's native layout); kwargs go through."""
         from switchformer.interop.hf import save_pretrained
 
-        save_pretrained(self, path)
+        return save_pretrained(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_id, **kwargs) -> nn.Module:
