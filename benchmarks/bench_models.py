@@ -6,9 +6,11 @@
 
 Both models hold identical weights: a randomly initialised transformers model is converted with
 ``switchformer.interop.from_transformers`` (the checkpoint adapter), and the transformers experts are then re-pointed
-at views of our stacked expert tensors so the pair costs one copy of the expert weights. Routing semantics are the
-same on both sides (transformers' per-sequence ``expert_capacity``; our ``generate(dropless=False)``), and the run
-checks it: the forward logits must agree to 1e-4 and greedy generation must produce the same tokens.
+at views of our stacked expert tensors so the pair costs one copy of the expert weights. The forward pass uses
+transformers' per-sequence ``expert_capacity`` on both sides (the max logit difference is reported). Our
+``generate()`` runs with its default, dropless routing (``--hf-capacity-in-generate`` switches to ``dropless=False``);
+transformers keeps its capacity in the encoder, so the report counts how many encoder tokens that capacity drops
+(0 means both compute the same thing) and checks that the greedy tokens are identical.
 
 Method: warm-up, then ``--reps`` interleaved repetitions (the order alternates each repetition, so neither side
 always runs on a cache the other just warmed); medians; ratio = transformers time / our time (> 1: we are faster).
@@ -55,6 +57,7 @@ class Setting:
     reps: int = 5
     vocab: int = 32128
     capacity: int = 64
+    dropless: bool = True  # our generate() default; False keeps transformers' encoder capacity (identical tokens)
 
 
 def make_pair(name: str, s: Setting, seed: int = 0):
@@ -120,12 +123,18 @@ def bench_pair(name: str, s: Setting, profile: bool = False) -> dict:
         out[f"forward_dec{T}"] = _summary(times, tokens, "tokens/s") | {"max_abs_logit_diff": err}
 
     # ---- greedy generation
+    # Our generate() routes dropless by default; transformers keeps its per-sequence capacity in the encoder (a
+    # decode step routes one token per sequence, which never overflows). The two compute the same thing when the
+    # encoder drops nothing under that capacity, which we count; the token check below confirms it.
+    with torch.inference_mode():
+        _, enc_routers = ours.encode(ids, mask.bool())
+    encoder_drops = int(sum(int(r.dropped_tokens) for r in enc_routers))
     eos = ours.config.eos_token_id
     res = {}
 
     def gen_ours():
         res["ours"] = ours.generate(ids, attention_mask=mask, max_new_tokens=s.new_tokens, eos_token_id=eos,
-                                    dropless=False)
+                                    dropless=s.dropless)
 
     def gen_hf():
         res["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.new_tokens, do_sample=False)
@@ -134,7 +143,8 @@ def bench_pair(name: str, s: Setting, profile: bool = False) -> dict:
         times = _interleaved({"ours": gen_ours, "hf": gen_hf}, s.reps)
     same = res["ours"].shape == res["hf"].shape and bool(torch.equal(res["ours"], res["hf"]))
     steps = res["ours"].shape[1] - 1
-    out["generate"] = _summary(times, s.batch * steps, "new tokens/s") | {"tokens_equal": same, "steps": steps}
+    out["generate"] = _summary(times, s.batch * steps, "new tokens/s") | {
+        "tokens_equal": same, "steps": steps, "ours_dropless": s.dropless, "encoder_drops_at_capacity": encoder_drops}
     if profile:
         out["profile"] = _profile(ours, hf, ids, mask, s)
     return out
@@ -173,7 +183,7 @@ def _profile(ours, hf, ids, mask, s: Setting) -> dict:
             ("ours_forward", lambda: ours(ids, attention_mask=mask, decoder_input_ids=dec)),
             ("hf_forward", lambda: hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)),
             ("ours_generate", lambda: ours.generate(ids, attention_mask=mask, max_new_tokens=s.new_tokens,
-                                                    eos_token_id=None, dropless=False)),
+                                                    eos_token_id=None, dropless=s.dropless)),
             ("hf_generate", lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.new_tokens,
                                                 do_sample=False)),
         ):
@@ -202,7 +212,8 @@ def write_report(results: list[dict], s: Setting, env: dict, stem: Path) -> None
         "",
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, {env['cpu']}. "
         f"Batch {s.batch} x {s.input_len} encoder tokens, vocabulary {s.vocab}, capacity {s.capacity} per sequence, "
-        f"{s.reps} interleaved repetitions, medians. Ratio = transformers time / switchformer time (> 1: faster).",
+        f"{s.reps} interleaved repetitions, medians. Ratio = transformers time / switchformer time (> 1: faster). "
+        f"Our generate() {'dropless (default)' if s.dropless else 'with dropless=False'}.",
         "",
         "| config | params | measure | switchformer | transformers | ratio | target | check |",
         "|---|---|---|---|---|---|---|---|",
@@ -213,7 +224,8 @@ def write_report(results: list[dict], s: Setting, env: dict, stem: Path) -> None
             measure = "generate" if key == "generate" else "forward"
             target = _target(measure, r["config"])
             ok = "ok" if m["ratio"] >= target else "MISSED"
-            check = (f"tokens equal: {m['tokens_equal']}" if key == "generate"
+            check = (f"tokens equal: {m['tokens_equal']}; encoder drops at capacity: "
+                     f"{m['encoder_drops_at_capacity']}" if key == "generate"
                      else f"max logit diff {m['max_abs_logit_diff']:.1e}")
             label = (f"greedy generate {m['steps']} tokens" if key == "generate"
                      else f"forward enc {s.input_len} + dec {key.removeprefix('forward_dec')}")
@@ -232,15 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="tiny-8,tiny-64,small-8,small-64")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--hf-capacity-in-generate", action="store_true",
+                   help="generate with dropless=False (transformers' encoder capacity) instead of our default")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables (and store them in JSON)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/models_cpu_<date>)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = Setting(reps=args.reps)
+    s = Setting(reps=args.reps, dropless=not args.hf_capacity_in_generate)
     configs = args.configs.split(",")
     if args.quick:
-        s = Setting(batch=2, input_len=32, decoder_lens=(8,), new_tokens=8, reps=2)
+        s = Setting(batch=2, input_len=32, decoder_lens=(8,), new_tokens=8, reps=2, dropless=s.dropless)
         configs = ["tiny-8"] if args.configs == p.get_default("configs") else configs
     import transformers
 
