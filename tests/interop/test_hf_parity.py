@@ -242,3 +242,25 @@ def test_capacity_factor_model_saves_with_warning(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["expert_capacity"] == 7
     assert switchformer.from_pretrained(tmp_path).config == cfg  # our semantics come back through the marker
     _hf_load(tmp_path)
+
+
+def test_untied_checkpoint_without_embed_copies_loads(hf_dir):
+    """transformers 4.x (and switch-c-2048) saved untied models without encoder/decoder.embed_tokens copies."""
+    hf_model, d = hf_dir(seed=8, tie_word_embeddings=False)
+    with torch.no_grad():
+        hf_model.encoder.embed_tokens.weight.copy_(hf_model.shared.weight)
+        hf_model.decoder.embed_tokens.weight.copy_(hf_model.shared.weight)
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in hf_model.state_dict().items() if ".embed_tokens." not in k}
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ours = switchformer.from_pretrained(d)
+    ids, mask, labels = _batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
+                                   hf_model(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                                   atol=ATOL, rtol=0)
+    bad = dict(sd, **{"encoder.embed_tokens.weight": torch.zeros_like(sd["shared.weight"])})
+    save_file(bad, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(H.CheckpointError, match="differs from shared.weight"):
+        switchformer.from_pretrained(d)

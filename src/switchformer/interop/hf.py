@@ -523,15 +523,17 @@ def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, *, s
 
 def _validate_hf(found: Mapping[str, tuple[int, ...]], cfg: ModelConfig, *, strict: bool,
                  get: Callable[[str], torch.Tensor], what: str = "checkpoint") -> list[str]:
-    expected = hf_param_shapes(cfg)
-    tolerated = {k: v for k, v in found.items() if not (cfg.tie_word_embeddings and k in TIED_ALIASES)}
+    # The embed_tokens copies are optional even when untied: transformers 4.x always tied them to shared.weight and
+    # did not save them (switch-c-2048 is untied and has none); transformers 5.x saves them for untied models.
+    aliases = TIED_ALIASES if cfg.tie_word_embeddings else TIED_ALIASES[:2]
+    expected = {k: v for k, v in hf_param_shapes(cfg).items() if k not in aliases}
+    tolerated = {k: v for k, v in found.items() if k not in aliases}
     missing = _check_keys(tolerated, expected, what=what, strict=strict)
-    if cfg.tie_word_embeddings:
-        for k in TIED_ALIASES:
-            if k in found and tuple(found[k]) != expected["shared.weight"]:
-                raise CheckpointError(f"{what}: tied alias {k} has shape {found[k]}, shared.weight is "
-                                      f"{expected['shared.weight']}")
-    else:
+    for k in aliases:
+        if k in found and tuple(found[k]) != expected["shared.weight"]:
+            raise CheckpointError(f"{what}: {k} (an alias of shared.weight) has shape {found[k]}, shared.weight is "
+                                  f"{expected['shared.weight']}")
+    if not cfg.tie_word_embeddings:
         # switchformer has one input embedding; transformers 5.x keeps three untied copies. Accept only equal ones.
         shared = get("shared.weight") if "shared.weight" in found else None
         for k in TIED_ALIASES[:2]:
