@@ -177,3 +177,21 @@ def test_decode_fast_path_equals_switch_layer(make_cfg, proj):
     assert not decode_fast_path_ok(mlp, x)  # a finite capacity could drop tokens: use the general layer
     mlp.train()
     assert not decode_fast_path_ok(mlp, x)
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_padded_batch_beam_search_matches_single_rows(make_cfg, arch):
+    model = build_model(make_cfg(arch=arch, encoder_sparse_step=0, decoder_sparse_step=0)).eval()
+    rows = [torch.randint(2, 64, (n,)) for n in (4, 6)]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    kw = dict(max_new_tokens=5, num_beams=3, eos_token_id=3)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for i, r in enumerate(rows):
+        single = model.generate(r[None], **kw)
+        n = single.shape[1] - (1 if arch == "encoder_decoder" else len(r))  # generated tokens of the single row
+        tail = batch[i, -(batch.shape[1] - (1 if arch == "encoder_decoder" else 6)):]
+        assert torch.equal(tail[:n], single[0, -n:]), i
+        assert (tail[n:] == 0).all()  # the batch ran longer for the other row: pad after EOS

@@ -61,9 +61,15 @@ class DecoderCache:
     cross_mask: torch.Tensor | None = None
     pos: int = 0
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select/reorder batch rows (beam search): row b of the result is old row ``index[b]``."""
+    def reorder(self, index: torch.Tensor, *, self_attention_only: bool = False) -> None:
+        """Select/reorder batch rows (beam search): row b of the result is old row ``index[b]``.
+
+        ``self_attention_only``: the caller guarantees that ``index`` only permutes rows holding identical
+        cross-attention states and prompt masks (beams of one input), so only the self-attention cache moves.
+        """
         self.kv[:, :, :, :, : self.pos] = self.kv[:, :, :, :, : self.pos].index_select(2, index)
+        if self_attention_only:
+            return
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         if self.cross_kv is not None:
@@ -268,7 +274,7 @@ def generate(
                 lengths = lengths.index_select(0, src) + (~was_finished).long()
                 finished = was_finished | (nxt == eos_token_id) if eos_token_id is not None else was_finished
                 out = out.index_select(0, src)
-                cache.reorder(src)
+                cache.reorder(src, self_attention_only=True)  # src stays within each input's K beams
             out[:, step] = nxt
             cur = nxt[:, None]
             steps = step + 1
