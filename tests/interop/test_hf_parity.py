@@ -264,3 +264,27 @@ def test_untied_checkpoint_without_embed_copies_loads(hf_dir):
     save_file(bad, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(H.CheckpointError, match="differs from shared.weight"):
         switchformer.from_pretrained(d)
+
+
+@pytest.mark.parametrize("proj, tied", [("relu", True), ("gated-gelu", False)])
+def test_dense_t5_checkpoints_load(tmp_path, proj, tied):
+    """transformers' T5 (v1.0 relu tied, v1.1 gated-gelu untied): the dense baseline, FFN keys 'DenseReluDense'."""
+    cfg = transformers.T5Config(vocab_size=99, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+                                num_decoder_layers=3, relative_attention_num_buckets=8, feed_forward_proj=proj,
+                                tie_word_embeddings=tied, decoder_start_token_id=0)
+    torch.manual_seed(9)
+    t5 = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        t5.shared.weight.mul_(0.2)
+        if not tied:
+            t5.encoder.embed_tokens.weight.copy_(t5.shared.weight)
+            t5.decoder.embed_tokens.weight.copy_(t5.shared.weight)
+    t5.save_pretrained(tmp_path)
+    ours = switchformer.from_pretrained(tmp_path)
+    assert ours.config.encoder_sparse_step == ours.config.decoder_sparse_step == 0
+    assert ours.config.feed_forward_proj == proj and ours.config.tie_word_embeddings == tied
+    ids, mask, labels = _batch(seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
+                                   t5(input_ids=ids, attention_mask=mask, labels=labels).logits, atol=ATOL, rtol=0)
+    assert H.from_transformers(t5).config == ours.config

@@ -73,7 +73,13 @@ _EXPERT_RE = re.compile(r"^(?P<ffn>.+\.mlp)\.experts\.expert_(?P<j>\d+)\.(?P<w>w
 _STACKED_RE = re.compile(r"^(?P<ffn>.+\.mlp)\.experts\.(?P<w>w_in|w_gate|w_out)$")
 _ROUTER_HF_RE = re.compile(r"^(?P<ffn>.+\.mlp)\.router\.classifier\.weight$")
 _ROUTER_RE = re.compile(r"^(?P<ffn>.+\.mlp)\.router\.weight$")
+_T5_FFN_RE = re.compile(r"\.layer\.(\d+)\.DenseReluDense\.")
 _BLOCK_FFN_RE = re.compile(r"^(?P<stack>encoder|decoder)\.block\.(?P<i>\d+)\.layer\.(?P<l>\d+)\.mlp\.(?P<rest>.+)$")
+
+
+def canonical_key(key: str) -> str:
+    """transformers' T5 names the dense FFN ``DenseReluDense``; SwitchTransformers and switchformer use ``mlp``."""
+    return _T5_FFN_RE.sub(r".layer.\1.mlp.", key)
 
 
 class CheckpointError(ValueError):
@@ -181,11 +187,15 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
     num_layers = int(hf.get("num_layers", 12))
     num_decoder_layers = hf.get("num_decoder_layers")
     num_decoder_layers = num_layers if num_decoder_layers is None else int(num_decoder_layers)
-    if "encoder_sparse_step" in hf:
+    if model_type == "t5":  # a dense T5 (v1.0 relu or v1.1 gated-gelu): the FLOP-matched baseline, no experts
+        enc_step = dec_step = 0
+    elif "encoder_sparse_step" in hf:
         enc_step = int(hf["encoder_sparse_step"])
     else:
         enc_step = _hf_default_step(num_layers, int(hf.get("num_sparse_encoder_layers", 3)))
-    if "decoder_sparse_step" in hf:
+    if model_type == "t5":
+        pass
+    elif "decoder_sparse_step" in hf:
         dec_step = int(hf["decoder_sparse_step"])
     else:
         dec_step = _hf_default_step(num_decoder_layers, int(hf.get("num_sparse_decoder_layers", 3)))
@@ -196,6 +206,11 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
     pad = hf.get("pad_token_id", 0)
     pad = 0 if pad is None else int(pad)
     start = hf.get("decoder_start_token_id")
+    tied = bool(hf.get("tie_word_embeddings", True))
+    if model_type == "t5":
+        # transformers 5.x T5 forces tie_word_embeddings=True and keeps the v1.1 "no output scaling" flag apart as
+        # scale_decoder_outputs. Our tie implies the d_model**-0.5 scaling (T5 v1.0), so unscaled means untied.
+        tied = bool(hf.get("scale_decoder_outputs", tied))
     moe = MoEConfig(
         num_experts=int(hf.get("num_experts", 8)),
         top_k=1,
@@ -220,7 +235,7 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
         relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
         dropout_rate=float(hf.get("dropout_rate", 0.1)),
         layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tie_word_embeddings=tied,
         aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
         z_loss_coef=float(hf.get("router_z_loss_coef", 0.001)),
         pad_token_id=pad,
@@ -515,6 +530,7 @@ def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, *, s
     Raises:
         CheckpointError: lists missing, unexpected and mis-shaped keys.
     """
+    hf_sd = {canonical_key(k): v for k, v in hf_sd.items()}
     found = {k: tuple(v.shape) for k, v in hf_sd.items()}
     _validate_hf(found, cfg, strict=strict, get=lambda k: hf_sd[k])
     return _convert_from_hf(((k, (lambda k=k: hf_sd[k])) for k in hf_sd if k in hf_param_shapes(cfg)
@@ -672,24 +688,31 @@ class _Shards:
         self.device = device
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.stored: dict[str, str] = {}  # canonical key -> key in the file
         for f in files:
             with safe_open(str(f), framework="pt", device="cpu") as h:
                 for k in h.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                    self.where[k] = f
-                    self.shapes[k] = tuple(h.get_slice(k).get_shape())
+                    c = canonical_key(k)
+                    self.where[c], self.stored[c] = f, k
+                    self.shapes[c] = tuple(h.get_slice(k).get_shape())
+
+    def alias(self, new: str, existing: str) -> None:
+        """Make ``new`` read the tensor stored as ``existing``."""
+        self.where[new], self.stored[new], self.shapes[new] = (
+            self.where[existing], self.stored[existing], self.shapes[existing])
 
     def get(self, key: str) -> torch.Tensor:
         with self._open(str(self.where[key]), framework="pt", device=self.device) as h:
-            return h.get_tensor(key)
+            return h.get_tensor(self.stored[key])
 
     def stream(self, keys: Iterable[str]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-        """Yield (key, loader) shard by shard, each shard opened once."""
+        """Yield (canonical key, loader) shard by shard, each shard opened once."""
         wanted = set(keys)
         for f in self.files:
             with self._open(str(f), framework="pt", device=self.device) as h:
-                for k in h.keys():  # noqa: SIM118
-                    if k in wanted:
-                        yield k, (lambda k=k, h=h: h.get_tensor(k))
+                for c in self.shapes:  # insertion order: the file's order, aliases last
+                    if c in wanted and self.where[c] == f:
+                        yield c, (lambda k=self.stored[c], h=h: h.get_tensor(k))
 
 
 def _build(cfg: ModelConfig, *, meta: bool) -> nn.Module:
@@ -753,9 +776,10 @@ def from_pretrained(
     """Load a switchformer model from a checkpoint directory or a Hugging Face Hub id.
 
     Accepts transformers SwitchTransformers checkpoints (config.json + ``model.safetensors`` or a sharded
-    ``model.safetensors.index.json``; e.g. ``google/switch-base-8``) and switchformer's native format (decoder-only
-    models). The model is built on the meta device and the checkpoint tensors are assigned shard by shard, so the
-    weights are allocated once. Returned in eval mode.
+    ``model.safetensors.index.json``; e.g. ``google/switch-base-8``), dense transformers T5 checkpoints (v1.0 relu
+    or v1.1 gated-gelu; loaded as the all-dense baseline, sparse steps 0) and switchformer's native format
+    (decoder-only and gated models). The model is built on the meta device and the checkpoint tensors are assigned
+    shard by shard, so the weights are allocated once. Returned in eval mode.
 
     Args:
         path_or_id: a local directory, or a Hub repo id (downloaded with ``huggingface_hub`` when installed and
@@ -789,6 +813,8 @@ def from_pretrained(
         sd = _convert_native(shards, dt)
         return _load_into(cfg, sd, strict=strict, device=device, dtype=dt)
     cfg = infer_sparse_steps(shards.shapes, config_from_hf(raw))
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in shards.shapes and raw.get("model_type") == "t5":
+        shards.alias("lm_head.weight", "shared.weight")  # transformers 5.x T5 ties the head without scaling
     _validate_hf(shards.shapes, cfg, strict=strict, get=shards.get, what=str(d))
     keep = [k for k in shards.shapes if k in hf_param_shapes(cfg)]
     sd = _convert_from_hf(shards.stream(keep), cfg, dtype=dt, device=device)
@@ -805,7 +831,7 @@ def from_transformers(hf_model: nn.Module, *, strict: bool = True) -> nn.Module:
         hf_model: the transformers model (``.config`` and ``.state_dict()`` are used).
         strict: raise on missing or unexpected keys.
     """
-    hf_sd = hf_model.state_dict()
+    hf_sd = {canonical_key(k): v for k, v in hf_model.state_dict().items()}
     cfg = infer_sparse_steps(hf_sd.keys(), config_from_hf(hf_model.config))
     sd = state_dict_from_hf(hf_sd, cfg, strict=strict)
     return _load_into(cfg, {k: v.detach().clone() if v.is_floating_point() else v for k, v in sd.items()},
