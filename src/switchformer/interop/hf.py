@@ -834,8 +834,9 @@ def from_transformers(hf_model: nn.Module, *, strict: bool = True) -> nn.Module:
     hf_sd = {canonical_key(k): v for k, v in hf_model.state_dict().items()}
     cfg = infer_sparse_steps(hf_sd.keys(), config_from_hf(hf_model.config))
     sd = state_dict_from_hf(hf_sd, cfg, strict=strict)
-    return _load_into(cfg, {k: v.detach().clone() if v.is_floating_point() else v for k, v in sd.items()},
-                      strict=strict, device=None, dtype=None)
+    # Stacked expert tensors are new; everything else still shares storage with the transformers model.
+    sd = {k: v if _STACKED_RE.match(k) else v.detach().clone() for k, v in sd.items()}
+    return _load_into(cfg, sd, strict=strict, device=None, dtype=None)
 
 
 def _convert_native(shards: _Shards, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
