@@ -15,6 +15,8 @@ from switchformer.models.blocks import ModelOutput, RouterResult
 from switchformer.models.decoder_only import SwitchDecoderLM
 from switchformer.models.encoder_decoder import SwitchTransformer
 from switchformer.models.generation import GenerationRouting
+from switchformer.models.presets import PRESETS, count_parameters, describe, flops_per_token, get_preset
+from switchformer.models.upcycle import upcycle
 
 __all__ = [
     "build_model",
@@ -23,6 +25,12 @@ __all__ = [
     "ModelOutput",
     "RouterResult",
     "GenerationRouting",
+    "PRESETS",
+    "get_preset",
+    "count_parameters",
+    "flops_per_token",
+    "describe",
+    "upcycle",
 ]
 
 
