@@ -288,3 +288,14 @@ def test_dense_t5_checkpoints_load(tmp_path, proj, tied):
         torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
                                    t5(input_ids=ids, attention_mask=mask, labels=labels).logits, atol=ATOL, rtol=0)
     assert H.from_transformers(t5).config == ours.config
+
+
+def test_loaded_model_fine_tunes(hf_dir):
+    """Meta-device build + assign gives real, trainable Parameters (gradients reach the stacked experts)."""
+    _, d = hf_dir(seed=10, expert_capacity=3)
+    model = switchformer.from_pretrained(d).train()
+    assert all(type(p) is torch.nn.Parameter and p.requires_grad for p in model.parameters())
+    ids, _, labels = _batch(seed=7, pad_from=None)
+    model(ids, labels=labels).loss.backward()
+    w_in = model.encoder.block[1].layer[1].mlp.experts.w_in
+    assert w_in.grad is not None and w_in.grad.abs().sum() > 0 and model.shared.weight.grad is not None
