@@ -167,6 +167,7 @@ def _summary(times: dict[str, list[float]], work: int, unit: str) -> dict:
         "ours_ms": round(med["ours"] * 1e3, 2), "hf_ms": round(med["hf"] * 1e3, 2),
         "ours_rate": round(work / med["ours"], 1), "hf_rate": round(work / med["hf"], 1), "unit": unit,
         "ratio": round(med["hf"] / med["ours"], 3),
+        "ratio_of_minima": round(min(times["hf"]) / min(times["ours"]), 3),
         "ours_all_ms": [round(t * 1e3, 2) for t in times["ours"]],
         "hf_all_ms": [round(t * 1e3, 2) for t in times["hf"]],
     }
@@ -213,7 +214,9 @@ def write_report(results: list[dict], s: Setting, env: dict, stem: Path) -> None
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, {env['cpu']}. "
         f"Batch {s.batch} x {s.input_len} encoder tokens, vocabulary {s.vocab}, capacity {s.capacity} per sequence, "
         f"{s.reps} interleaved repetitions, medians. Ratio = transformers time / switchformer time (> 1: faster). "
-        f"Our generate() {'dropless (default)' if s.dropless else 'with dropless=False'}.",
+        f"Our generate() {'dropless (default)' if s.dropless else 'with dropless=False'}. 1-minute load average "
+        f"{env['loadavg_start']:.1f} at the start and {env.get('loadavg_end', float('nan')):.1f} at the end "
+        f"(shared machine; the JSON has every repetition and the ratio of minima).",
         "",
         "| config | params | measure | switchformer | transformers | ratio | target | check |",
         "|---|---|---|---|---|---|---|---|",
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg()[0],
     }
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), env["cpu"])
@@ -280,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio {m['ratio']:.2f}x", flush=True)
     if not all(r["generate"]["tokens_equal"] for r in results):
         print("WARNING: greedy tokens differ between switchformer and transformers", flush=True)
+    env["loadavg_end"] = os.getloadavg()[0]
     if args.out or not args.quick:
         stem = Path(args.out) if args.out else RESULTS / f"models_cpu_{dt.date.today().isoformat()}"
         write_report(results, s, env, stem)
