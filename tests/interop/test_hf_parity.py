@@ -16,6 +16,7 @@ import json
 
 import pytest
 import torch
+from interop_tiny import tiny_hf_model
 
 import switchformer
 from switchformer.config import ModelConfig, MoEConfig
@@ -299,3 +300,15 @@ def test_loaded_model_fine_tunes(hf_dir):
     model(ids, labels=labels).loss.backward()
     w_in = model.encoder.block[1].layer[1].mlp.experts.w_in
     assert w_in.grad is not None and w_in.grad.abs().sum() > 0 and model.shared.weight.grad is not None
+
+
+def test_transformers_sharded_checkpoint_loads(tmp_path):
+    hf_model = tiny_hf_model(11, expert_capacity=3)
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / H.INDEX_NAME).is_file()
+    ours = switchformer.from_pretrained(tmp_path)
+    ids, mask, labels = _batch(seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask, labels=labels).logits,
+                                   hf_model(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                                   atol=ATOL, rtol=0)
