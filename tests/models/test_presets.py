@@ -94,6 +94,11 @@ def test_flops_formula():
 def test_describe_and_errors():
     text = describe("switch-base-8")
     assert "619,339,008" in text and "FLOPs/token" in text
+    assert "sparse layers 6 encoder + 6 decoder" in text
+    lm = describe("tiny-lm")
+    assert "decoder_only" in lm and "sparse layers 2 (step 2)" in lm
+    assert count_parameters("tiny-lm") == 32128 * 128 + 4 * (4 * 128 * 128 + 2 * 128) + 2 * 2 * 128 * 512 + 2 * (
+        8 * 2 * 128 * 512 + 8 * 128) + 32 * 4 + 128
     with pytest.raises(ValueError, match="switch-base-8"):
         get_preset("switch-base-9")
     cfg = get_preset("tiny")

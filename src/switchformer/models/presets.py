@@ -39,6 +39,7 @@ PRESETS: dict[str, ModelConfig] = {
     # --- small configs for CPU tests and quick experiments
     "tiny": _cfg(8, d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=4, num_decoder_layers=4),
     "small": _cfg(8, d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6),
+    "tiny-lm": _cfg(8, arch="decoder_only", d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=4),
     # --- Table 9 as published (GEGLU, d_kv 64, layers per stack)
     "t5-base": _cfg(**_base(**_DENSE, **_GEGLU) | dict(d_ff=2048)),
     "t5-large": _cfg(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24,
@@ -185,26 +186,29 @@ def describe(name: str) -> str:
     cfg = get_preset(name)
     params = count_parameters(cfg)
     fps = flops_per_sequence(cfg)
-    sparse_enc = sum(is_sparse_block(i, cfg.encoder_sparse_step) for i in range(cfg.num_layers))
-    sparse_dec = sum(
-        is_sparse_block(i, cfg.decoder_sparse_step)
-        for i in range(cfg.num_decoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers)
-    )
-    layers = (
-        f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder"
-        if cfg.arch == "encoder_decoder" else f"{cfg.num_layers} decoder"
-    )
+    enc_dec = cfg.arch == "encoder_decoder"
+    sparse_enc = sum(is_sparse_block(i, cfg.encoder_sparse_step) for i in range(cfg.num_layers)) if enc_dec else 0
+    dec_layers = cfg.num_decoder_layers if enc_dec else cfg.num_layers
+    sparse_dec = sum(is_sparse_block(i, cfg.decoder_sparse_step) for i in range(dec_layers))
+    if enc_dec:
+        layers = f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder"
+        steps = f"{cfg.encoder_sparse_step}/{cfg.decoder_sparse_step}"
+        sparse = f"{sparse_enc} encoder + {sparse_dec} decoder (steps {steps})"
+        lengths = f"{DEFAULT_INPUT_LENGTH} input / {DEFAULT_TARGET_LENGTH} target tokens"
+    else:
+        layers = f"{cfg.num_layers} decoder"
+        sparse = f"{sparse_dec} (step {cfg.decoder_sparse_step})"
+        lengths = f"{DEFAULT_INPUT_LENGTH} tokens"
     lines = [
         f"preset          {name} ({cfg.arch})",
         f"parameters      {params:,} ({_human(params)})",
-        f"FLOPs/token     {flops_per_token(cfg):,} (forward; {DEFAULT_INPUT_LENGTH} input / "
-        f"{DEFAULT_TARGET_LENGTH} target tokens)",
+        f"FLOPs/token     {flops_per_token(cfg):,} (forward; {lengths})",
         f"FLOPs/sequence  {fps:,} ({_human(fps)})",
         f"layers          {layers}",
         f"d_model/d_ff    {cfg.d_model} / {cfg.d_ff} ({cfg.feed_forward_proj}); "
         f"heads {cfg.num_heads} x d_kv {cfg.d_kv}",
         f"experts         {cfg.moe.num_experts if sparse_enc + sparse_dec else 0} per sparse layer; sparse layers "
-        f"{sparse_enc} encoder + {sparse_dec} decoder (steps {cfg.encoder_sparse_step}/{cfg.decoder_sparse_step})",
+        f"{sparse}",
         f"vocab           {cfg.vocab_size}; tied embeddings {cfg.tie_word_embeddings}",
     ]
     pub = PUBLISHED.get(name)
