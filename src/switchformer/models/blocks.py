@@ -250,6 +250,24 @@ class Attention(nn.Module):
         )
         return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, H, T, S]
 
+    def causal_bias_table(self, max_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """Causal bias by distance, reversed: ``table[0, h, 0, j]`` is the bias of a key ``max_length - 1 - j``
+        positions before the query. A decode step at position p slices ``table[..., max_length - 1 - p:]``: the
+        ``[1, H, 1, p + 1]`` bias row for keys 0..p, contiguous, with O(max_length) memory."""
+        distance = torch.arange(max_length - 1, -1, -1, device=self.relative_attention_bias.weight.device)
+        buckets = relative_position_bucket(
+            -distance, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
+        return self.relative_attention_bias(buckets).to(dtype).T.contiguous()[None, :, None, :]
+
+    def step_bias(self, table: torch.Tensor, pos: int, t: int) -> torch.Tensor:
+        """Self-attention mask ``[1, H, t, pos + t]`` for ``t`` new queries at positions pos..pos+t-1 (generation)."""
+        if t == 1:
+            return table[..., table.shape[-1] - 1 - pos :]
+        bias = self.compute_bias(t, pos + t, query_offset=pos).to(table.dtype)
+        future = torch.ones(t, pos + t, dtype=torch.bool, device=bias.device).triu(pos + 1)
+        return bias.masked_fill(future, mask_value(bias.dtype))
+
     def _project(self, proj: nn.Module, x: torch.Tensor, mask, routers: list, name: str) -> torch.Tensor:
         if self.switch:
             y, result = proj(x, mask)

@@ -117,7 +117,7 @@ class SwitchDecoderLM(nn.Module):
     # ------------------------------------------------------------------------------ cached decoding
 
     def init_cache(self, batch_size: int, max_length: int, prompt_mask: torch.Tensor | None) -> DecoderCache:
-        """Allocate the KV cache and precompute the causal position bias for ``max_length`` positions.
+        """Allocate the KV cache and precompute the causal position bias per distance (``max_length`` entries).
 
         Args:
             prompt_mask: ``[B, P]`` bool of a left-padded prompt (None = no padding).
@@ -128,9 +128,7 @@ class SwitchDecoderLM(nn.Module):
             len(self.decoder.block), 2, batch_size, cfg.num_heads, max_length, cfg.d_kv,
             dtype=weight.dtype, device=weight.device,
         )
-        causal = torch.ones(max_length, max_length, dtype=torch.bool, device=weight.device).triu(1)
-        bias = self.decoder.position_attention.compute_bias(max_length, max_length).to(weight.dtype)
-        bias = bias.masked_fill(causal, mask_value(weight.dtype))
+        bias = self.decoder.position_attention.causal_bias_table(max_length, weight.dtype)
         key_mask = None
         if prompt_mask is not None:
             key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=weight.device)
@@ -158,7 +156,7 @@ class SwitchDecoderLM(nn.Module):
         """
         pos, t = cache.pos, ids.shape[1]
         x = self.shared(ids)
-        mask = cache.self_bias[:, :, pos : pos + t, : pos + t]
+        mask = self.decoder.position_attention.step_bias(cache.self_bias, pos, t)
         if cache.key_mask is not None:
             mask = mask.masked_fill(~cache.key_mask[:, None, None, : pos + t], mask_value(mask.dtype))
         routers: list[RouterResult] = []

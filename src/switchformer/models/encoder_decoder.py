@@ -225,8 +225,7 @@ class SwitchTransformer(nn.Module):
     ) -> tuple[DecoderCache, list[RouterResult]]:
         """Allocate the self-attention KV cache and compute cross-attention K/V once (generation).
 
-        The causal relative position bias for all ``max_length`` positions is precomputed here, so a step only
-        slices it.
+        The causal relative position bias is precomputed here per distance, so a step only slices it.
 
         Returns:
             (cache, router results of Switch attention's K/V projections over the encoder output).
@@ -238,9 +237,7 @@ class SwitchTransformer(nn.Module):
         kv = torch.zeros(
             len(self.decoder.block), 2, B, cfg.num_heads, max_length, cfg.d_kv, dtype=dtype, device=device
         )
-        causal = torch.ones(max_length, max_length, dtype=torch.bool, device=device).triu(1)
-        self_bias = self.decoder.position_attention.compute_bias(max_length, max_length).to(dtype)
-        self_bias = self_bias.masked_fill(causal, mask_value(dtype))
+        self_bias = self.decoder.position_attention.causal_bias_table(max_length, dtype)
         cross_kv, routers = [], []
         for i, block in enumerate(self.decoder.block):
             kv_i, rs = block.layer[1].EncDecAttention.project_kv(encoder_hidden, enc_pad)
@@ -277,7 +274,7 @@ class SwitchTransformer(nn.Module):
         """
         pos, t = cache.pos, ids.shape[1]
         x = self.shared(ids)
-        mask = cache.self_bias[:, :, pos : pos + t, : pos + t]
+        mask = self.decoder.position_attention.step_bias(cache.self_bias, pos, t)
         routers: list[RouterResult] = []
         for i, block in enumerate(self.decoder.block):
             x, self_routers = block.layer[0](

@@ -13,7 +13,8 @@ the loop stops as soon as every row has finished.
 Speed (generation is Python-overhead bound at small sizes, transformers runs ~27 ms/step on the tiny config):
 - one preallocated cache tensor ``[L, 2, B, H, max_len, Dh]`` written in place; beam reordering is a single
   ``index_select``;
-- the causal relative position bias of all ``max_len`` positions is computed once (``init_cache``); a step slices it;
+- the causal relative position bias is computed once per distance (``init_cache``, O(max_len) memory); a step
+  slices it;
 - cross-attention keys/values are projected once, before the loop;
 - prefill computes logits for the last position only; ``torch.inference_mode``; no per-step host syncs except the
   "all rows finished?" check when ``eos_token_id`` is set.
@@ -47,7 +48,8 @@ class DecoderCache:
 
     Attributes:
         kv: self-attention keys/values ``[L, 2, B, H, max_len, Dh]``.
-        self_bias: causal relative position bias ``[1, H, max_len, max_len]`` (future keys already masked).
+        self_bias: causal relative position bias by distance ``[1, H, 1, max_len]``, reversed
+            (``Attention.causal_bias_table``; a step slices it with ``Attention.step_bias``).
         key_mask: ``[B, max_len]`` bool, False for padded prompt positions (decoder-only), or None.
         cross_kv: per decoder layer ``(k, v)`` each ``[B, H, S, Dh]`` (encoder-decoder), or None.
         cross_mask: ``[B, 1, 1, S]`` additive encoder-padding mask, or None.
