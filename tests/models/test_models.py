@@ -60,6 +60,8 @@ def test_shapes_and_router_names(make_cfg):
     assert [r.name for r in out.router] == ["encoder.block.1", "decoder.block.1", "decoder.block.3"]
     for r in out.router:
         assert r.tokens_per_expert.shape == (4,) and int(r.tokens_per_expert.sum()) == int(r.num_tokens)
+        assert r.router_probs.shape == (int(r.num_tokens), 4)  # no padding in this batch
+        torch.testing.assert_close(r.router_probs.sum(-1), torch.ones(int(r.num_tokens)))
         assert int(r.dropped_tokens) == 0  # dropless config
     assert int(out.router[0].num_tokens) == 14 and int(out.router[1].num_tokens) == 10
     out.loss.backward()

@@ -41,6 +41,8 @@ class RouterResult:
         dropped_tokens: int64 scalar tensor, real tokens no expert processed.
         num_tokens: int64 scalar tensor, real (non-padding) tokens routed.
         expert_index: ``[tokens]`` int64 expert per token (-1 dropped/padding), or None.
+        router_probs: ``[tokens, E]`` float32 router probabilities of every position of the call (padding rows
+            included; ``expert_index == -1`` marks padding and dropped tokens), or None.
     """
 
     name: str
@@ -50,6 +52,7 @@ class RouterResult:
     dropped_tokens: torch.Tensor
     num_tokens: torch.Tensor
     expert_index: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
 
     @classmethod
     def from_aux(cls, name: str, aux) -> RouterResult:
@@ -62,6 +65,7 @@ class RouterResult:
             dropped_tokens=aux.dropped_tokens,
             num_tokens=aux.num_tokens,
             expert_index=getattr(aux, "expert_index", None),
+            router_probs=getattr(aux, "router_probs", None),
         )
 
 
@@ -193,6 +197,7 @@ class RoutedLinear(nn.Module):
             dropped_tokens=torch.zeros((), dtype=torch.long, device=x.device),
             num_tokens=real_T.sum(),
             expert_index=torch.where(real_T, index_T, -1),
+            router_probs=routed.probs_TE,
         )
         return y_TM.view(*shape[:-1], -1), result
 
