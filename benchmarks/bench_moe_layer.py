@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from switchformer.moe import SwitchFFN, einsum_switch_reference, expert_capacity
+from switchformer.moe import SwitchFFN, einsum_switch_reference, expert_capacity, plan_routing
+from switchformer.runtime import reuse_freed_memory
 
 
 class DenseFFN(nn.Module):
@@ -60,7 +61,9 @@ class OracleFFN(nn.Module):
         return y
 
 
-def hf_layer(d_model: int, d_ff: int, num_experts: int, seq: int):
+def hf_layer(d_model: int, d_ff: int, num_experts: int, seq: int, like: SwitchFFN | None = None):
+    """transformers' SwitchTransformersSparseMLP with ``expert_capacity=seq`` (drops nothing), holding the same
+    router and expert weights as ``like`` so both route the same tokens to the same experts."""
     try:
         from transformers import SwitchTransformersConfig
         from transformers.models.switch_transformers.modeling_switch_transformers import (
@@ -72,7 +75,25 @@ def hf_layer(d_model: int, d_ff: int, num_experts: int, seq: int):
         d_model=d_model, d_ff=d_ff, num_experts=num_experts, expert_capacity=seq, router_jitter_noise=0.01,
         dropout_rate=0.0,
     )
-    return SwitchTransformersSparseMLP(cfg)
+    layer = SwitchTransformersSparseMLP(cfg)
+    if like is not None:
+        with torch.no_grad():
+            layer.router.classifier.weight.copy_(like.router.weight)
+            for j in range(num_experts):
+                layer.experts[f"expert_{j}"].wi.weight.copy_(like.experts.w_in[j])
+                layer.experts[f"expert_{j}"].wo.weight.copy_(like.experts.w_out[j])
+    return layer
+
+
+class ExpertsOnly(nn.Module):
+    """The layer's expert matmuls alone, on tokens the layer already dispatched (to split the profile)."""
+
+    def __init__(self, layer: SwitchFFN, x_dispatched: torch.Tensor, counts: list[int]) -> None:
+        super().__init__()
+        self.experts, self.x_dispatched, self.counts = layer.experts, x_dispatched, counts
+
+    def forward(self, _x):
+        return self.experts(self.x_dispatched, self.counts)
 
 
 def run(module, x, backward: bool):
@@ -106,8 +127,6 @@ def dispatched_for_experts(layer: SwitchFFN, x):
     with torch.no_grad():
         x_TM = x.reshape(-1, layer.d_model)
         routed = layer.router(x_TM)
-        from switchformer.moe import plan_routing
-
         T = x_TM.shape[0]
         cap = expert_capacity(T, layer.num_experts, layer.capacity_factor, min_capacity=layer.min_capacity)
         plan = plan_routing(routed.expert_index_TK, routed.gates_TK, routed.use_TK, num_experts=layer.num_experts,
@@ -124,7 +143,11 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default (fresh mmap pages for every tensor over 32 MB); by default the "
+                         "benchmark process reuses freed memory, for every contestant alike (switchformer.runtime)")
     args = ap.parse_args()
+    malloc_reuse = False if args.default_malloc else reuse_freed_memory()
 
     torch.manual_seed(0)
     if args.quick:
@@ -147,24 +170,14 @@ def main() -> None:
         ours_dropless.load_state_dict(ours_cf1.state_dict())
         contestants = {"dense": dense, "ours_cf1.0": ours_cf1, "ours_dropless": ours_dropless,
                        "oracle_einsum": OracleFFN(ours_cf1, seq)}
-        hf = hf_layer(d_model, d_ff, E, seq)
+        hf = hf_layer(d_model, d_ff, E, seq, like=ours_dropless)
         if hf is not None:
             hf = hf.to(device, dtype)
             contestants["transformers"] = hf
         xin, counts = dispatched_for_experts(ours_cf1, x)
-        experts_mod = ours_cf1.experts
-
-        class _ExpertsOnly(nn.Module):  # noqa: N801 - times the expert matmuls alone
-            def __init__(self):
-                super().__init__()
-                self.experts = experts_mod
-
-            def forward(self, _x):
-                return self.experts(xin, counts)
-
-        contestants["experts_only"] = _ExpertsOnly()
+        contestants["experts_only"] = ExpertsOnly(ours_cf1, xin, counts)
         times = {(name, bwd): [] for name in contestants for bwd in (False, True)}
-        for name, mod in contestants.items():  # warm-up
+        for mod in contestants.values():  # warm-up
             mod.train()
             run(mod, x, False)
             run(mod, x, True)
@@ -199,14 +212,16 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "device": str(device), "dtype": str(dtype),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
         "processor": platform.processor(), "shape": {"batch": batch, "seq": seq, "d_model": d_model, "d_ff": d_ff},
-        "reps": reps, "quick": args.quick,
+        "reps": reps, "quick": args.quick, "malloc_reuse": malloc_reuse,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"moe_layer_{device.type}_{meta['date']}" + ("_quick" if args.quick else "")
+    stem += "_default_malloc" if args.default_malloc else ""
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = [f"# SwitchFFN benchmark ({device.type}, {dtype}, {meta['date']})", "",
           f"{batch} x {seq} tokens, d_model {d_model}, d_ff {d_ff}; torch {torch.__version__}, "
-          f"{meta['threads']} threads; medians of {reps} interleaved repetitions. Ratios > 1 mean slower.", "",
+          f"{meta['threads']} threads; medians of {reps} interleaved repetitions; malloc reuse {malloc_reuse}. "
+          "Ratios > 1 mean slower.", "",
           "| E | ours cf1.0 / dense (fwd+bwd) | ours cf1.0 / dense (fwd) | transformers / ours dropless (fwd+bwd) "
           "| transformers / ours (fwd) | oracle / ours (fwd+bwd) | routing share of ours (fwd+bwd) "
           "| activation MB: dense / ours / transformers / oracle |",
@@ -216,7 +231,8 @@ def main() -> None:
         hf_f = f"{r.get('transformers_over_ours_fwd', float('nan')):.2f}"
         mems = " / ".join(f"{r.get(f'{n}_activation_MB', float('nan')):.0f}"
                           for n in ("dense", "ours_cf1.0", "transformers", "oracle_einsum"))
-        md.append(f"| {r['num_experts']} | {r['ours_cf1_over_dense_fwdbwd']:.3f} | {r['ours_cf1_over_dense_fwd']:.3f} "
+        md.append(f"| {r['num_experts']} | {r['ours_cf1_over_dense_fwdbwd']:.3f} "
+                  f"| {r['ours_cf1_over_dense_fwd']:.3f} "
                   f"| {hf_b} | {hf_f} | {r['oracle_over_ours_fwdbwd']:.2f} | {100 * r['routing_share_fwdbwd']:.1f}% "
                   f"| {mems} |")
     (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
