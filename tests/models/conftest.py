@@ -19,18 +19,6 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models' test tensors are tiny: intra-op threads only add OpenMP contention on a shared 2-core box
-    (a 3x6-token forward took 1.6 s with 2 threads under load, 30 ms with 1). Restored after each test."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def make_cfg():
     return tiny_cfg
