@@ -118,27 +118,27 @@ def test_validation_is_fixed_and_epoch_batches_cover_all():
     assert chunks == [tokens[i * 34 : (i + 1) * 34].tolist() for i in range(10)]  # in order, no offset
 
 
-def test_decoder_only_labels_are_next_tokens():
+def test_decoder_only_labels_are_aligned_with_inputs():
     tokens = synthetic_tokens(2000)
     loader = BatchLoader(tokens, batch_size=3, input_length=16, arch="decoder_only", split="train", seed=0)
     b = next(loader)
     assert set(b) == {"input_ids", "attention_mask", "labels"}
     assert b["input_ids"].shape == b["labels"].shape == (3, 16)
-    assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])  # labels[t] == input_ids[t + 1]
+    # transformers' convention: labels == input_ids (the model shifts), and the window is a contiguous stretch
+    assert torch.equal(b["labels"], b["input_ids"])
     stream = tokens.tolist()
     for row in range(3):
         x = b["input_ids"][row].tolist()
-        i = next(i for i in range(len(stream)) if stream[i : i + 16] == x)
-        assert b["labels"][row, -1].item() == stream[i + 16]  # the last label is the token after the window
+        assert any(stream[i : i + 16] == x for i in range(len(stream)))
 
 
 def test_short_split_is_padded():
     tokens = np.array([5, 6, 7, 8, 1], dtype=np.int32)
     dec = BatchLoader(tokens, batch_size=2, input_length=8, arch="decoder_only", split="val", seed=0)
     b = next(dec)
-    assert b["input_ids"][0].tolist() == [5, 6, 7, 8, 0, 0, 0, 0]
-    assert b["labels"][0].tolist() == [6, 7, 8, 1, -100, -100, -100, -100]
-    assert b["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert b["input_ids"][0].tolist() == [5, 6, 7, 8, 1, 0, 0, 0]
+    assert b["labels"][0].tolist() == [5, 6, 7, 8, 1, -100, -100, -100]
+    assert b["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
     ed = enc_dec(tokens, split="val")
     b = next(ed)
     assert uncorrupt(b["input_ids"][0].numpy(), b["labels"][0].numpy()) == tokens.tolist()

@@ -19,9 +19,9 @@ Batch layout (all int64 tensors; B = batch size, pad id 0, label padding -100):
 - encoder-decoder: ``input_ids`` [B, input_length], ``attention_mask`` [B, input_length], ``labels``
   [B, targets_length], ``decoder_input_ids`` [B, targets_length] (labels shifted right, starting with the pad id 0,
   T5's decoder start), ``decoder_attention_mask`` [B, targets_length] (1 where labels are real).
-- decoder-only: ``input_ids`` [B, input_length], ``attention_mask``, ``labels`` [B, input_length] ALREADY SHIFTED:
-  ``labels[:, t]`` is the token that follows ``input_ids[:, t]``, so the model computes
-  ``cross_entropy(logits[:, t], labels[:, t])`` with no further shift.
+- decoder-only: ``input_ids`` [B, input_length], ``attention_mask``, ``labels`` [B, input_length] aligned with
+  ``input_ids`` (-100 at padding), as transformers' causal LMs take them: the model shifts inside, so position t
+  is trained to predict ``labels[:, t + 1]``.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class BatchLoader:
                         self.eos_id,
                     )  # fmt: skip
                 else:
-                    inp, tgt = chunks[:, :-1], chunks[:, 1:]
+                    inp = tgt = chunks[:, :-1]  # labels aligned; the model shifts
                 if inp.shape[1] != L or tgt.shape[1] != T:  # impossible by construction of raw_length
                     raise RuntimeError(f"chunks corrupted to {inp.shape[1]}/{tgt.shape[1]} tokens, not {L}/{T}")
                 input_ids[rows], labels[rows] = inp, tgt
@@ -249,7 +249,7 @@ class BatchLoader:
                             self.eos_id,
                         )  # fmt: skip
                     else:
-                        inp, tgt = chunk[:-1], chunk[1:]
+                        inp = tgt = chunk  # shorter than input_length + 1 tokens, so it fits
                     input_ids[r, : len(inp)], labels[r, : len(tgt)] = inp, tgt
                     in_len[r], tgt_len[r] = len(inp), len(tgt)
         attention_mask = (np.arange(L)[None, :] < in_len[:, None]).astype(np.int64)

@@ -187,7 +187,10 @@ def evaluate(
             batch = _to(batch, device)
             with _autocast(device, precision):
                 out = model(**batch)
-            nll, n = token_nll(out.logits, batch["labels"])
+            if "decoder_input_ids" in batch:  # encoder-decoder: labels align with the decoder's logits
+                nll, n = token_nll(out.logits, batch["labels"])
+            else:  # decoder-only: labels align with input_ids; position t predicts label t + 1
+                nll, n = token_nll(out.logits[:, :-1], batch["labels"][:, 1:])
             nll_sum += nll.double().cpu()
             n_tokens += int(n)
             stats.add(getattr(out, "router", None))

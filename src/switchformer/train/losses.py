@@ -18,8 +18,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
     Args:
         logits: [batch, seq, vocab] scores (any float dtype; computed in float32).
-        labels: [batch, seq] int64 target ids, -100 where there is no target. Already aligned with ``logits``
-            (decoder-only batches come pre-shifted).
+        labels: [batch, seq] int64 target ids, -100 where there is no target, aligned with ``logits``
+            (for a decoder-only model the caller passes ``logits[:, :-1]`` and ``labels[:, 1:]``).
 
     Returns:
         (nll_sum, num_tokens): float32 scalar sum of -log p(label), int64 scalar count of real targets.
