@@ -57,8 +57,11 @@ def _split_positional(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from switchformer.runtime import reuse_freed_memory
     from switchformer.train.compare import compare
     from switchformer.train.loop import train
+
+    reuse_freed_memory()  # stacked expert gradients would page-fault afresh every step (switchformer.runtime)
 
     config, overrides = _split_positional(args.overrides)
     config = args.config or config
@@ -84,7 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from switchformer.runtime import reuse_freed_memory
     from switchformer.train.compare import compare
+
+    reuse_freed_memory()
 
     config, overrides = _split_positional(args.overrides)
     cfg = build_config(args.config or config, overrides, args.decoder_only)
