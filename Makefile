@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 CPU wheel is satisfied by the range torch>=2.5; never ask for a newer torch here.
 	$(BIN)/pip install -q "torch>=2.5"
 	$(BIN)/pip install -q -e ".[dev,hf]"
