@@ -76,7 +76,7 @@ class _RaggedReluFFN(torch.autograd.Function):
             start += n
         # relu'(a) = 1[h > 0]; h already carries the dropout mask and scale, so one masked multiply covers both
         scale = 1.0 / (1.0 - ctx.dropout_p) if keep_NF is not None else 1.0
-        grad_h_NF.mul_(h_NF > 0)
+        grad_h_NF = torch.ops.aten.threshold_backward(grad_h_NF, h_NF, 0)  # one fused pass, as autograd's relu
         if keep_NF is not None:
             grad_h_NF.mul_(scale)
         start = 0
