@@ -20,13 +20,3 @@ def hf_dir(tmp_path: Path):
 
     return make
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared CPUs OpenMP spinning slows them 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
