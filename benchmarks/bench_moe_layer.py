@@ -146,7 +146,10 @@ def main() -> None:
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default (fresh mmap pages for every tensor over 32 MB); by default the "
                          "benchmark process reuses freed memory, for every contestant alike (switchformer.runtime)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     malloc_reuse = False if args.default_malloc else reuse_freed_memory()
 
     torch.manual_seed(0)
