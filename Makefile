@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	# torch 2.13.0 CPU wheel is satisfied by the range torch>=2.5; never ask for a newer torch here.
-	$(BIN)/pip install -q "torch>=2.5"
+	# The package needs torch>=2.5. Prefer 2.13.0: on this project's machines pip takes that release's CPU wheel
+	# from local disk, where a bare range would pick a multi-GB CUDA build; elsewhere it is an ordinary release.
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.5"
 	$(BIN)/pip install -q -e ".[dev,hf]"
 	touch $@
 
