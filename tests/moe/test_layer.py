@@ -517,3 +517,18 @@ def test_expert_dropout_backward_matches_autograd_reference():
     grads_ref = torch.autograd.grad((y_ref * y.detach().sign()).sum(), [x, ex.w_in, ex.w_out])
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_experts_backward_skips_what_needs_no_gradient():
+    from switchformer.moe import Experts
+
+    ex = Experts(3, 6, 10).double()
+    x = torch.randn(7, 6, dtype=torch.float64)  # no grad: only weight gradients are computed
+    ex(x, [3, 0, 4]).sum().backward()
+    assert ex.w_in.grad is not None and ex.w_out.grad is not None and x.grad is None
+    assert torch.all(ex.w_in.grad[1] == 0)  # the expert with no tokens gets an exact zero gradient
+    ex.zero_grad(set_to_none=True)
+    ex.w_in.requires_grad_(False)  # frozen first projection
+    x.requires_grad_(True)
+    ex(x, [3, 0, 4]).sum().backward()
+    assert ex.w_in.grad is None and ex.w_out.grad is not None and x.grad is not None

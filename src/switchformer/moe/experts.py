@@ -62,16 +62,18 @@ class _RaggedReluFFN(torch.autograd.Function):
         x_NM, w_in_EFM, w_out_EMF, h_NF, keep_NF = ctx.saved_tensors
         grad_y_NM = grad_y_NM.contiguous()
         grad_h_NF = torch.empty_like(h_NF)
-        grad_w_out = torch.empty_like(w_out_EMF)
-        grad_w_in = torch.empty_like(w_in_EFM)
-        grad_x_NM = torch.empty_like(x_NM)
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]  # frozen experts or a no-grad input skip work
+        grad_w_out = torch.empty_like(w_out_EMF) if need_w_out else None
+        grad_w_in = torch.empty_like(w_in_EFM) if need_w_in else None
+        grad_x_NM = torch.empty_like(x_NM) if need_x else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n:
                 sl = slice(start, start + n)
-                torch.mm(grad_y_NM[sl].t(), h_NF[sl], out=grad_w_out[e])
+                if need_w_out:
+                    torch.mm(grad_y_NM[sl].t(), h_NF[sl], out=grad_w_out[e])
                 torch.mm(grad_y_NM[sl], w_out_EMF[e], out=grad_h_NF[sl])
-            else:
+            elif need_w_out:
                 grad_w_out[e].zero_()
             start += n
         # relu'(a) = 1[h > 0]; h already carries the dropout mask and scale, so one masked multiply covers both
@@ -83,9 +85,11 @@ class _RaggedReluFFN(torch.autograd.Function):
         for e, n in enumerate(ctx.counts):
             if n:
                 sl = slice(start, start + n)
-                torch.mm(grad_h_NF[sl].t(), x_NM[sl], out=grad_w_in[e])
-                torch.mm(grad_h_NF[sl], w_in_EFM[e], out=grad_x_NM[sl])
-            else:
+                if need_w_in:
+                    torch.mm(grad_h_NF[sl].t(), x_NM[sl], out=grad_w_in[e])
+                if need_x:
+                    torch.mm(grad_h_NF[sl], w_in_EFM[e], out=grad_x_NM[sl])
+            elif need_w_in:
                 grad_w_in[e].zero_()
             start += n
         return grad_x_NM, grad_w_in, grad_w_out, None, None, None
