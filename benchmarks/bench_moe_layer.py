@@ -99,12 +99,14 @@ class ExpertsOnly(nn.Module):
 def run(module, x, backward: bool):
     if backward:
         module.zero_grad(set_to_none=True)
-        out = module(x)
+        x.grad = None
+        # A non-leaf copy (for every contestant alike): transformers' router multiplies its input in place.
+        out = module(x.clone())
         y = out[0] if isinstance(out, tuple) else out
         y.backward(torch.ones_like(y))
     else:
         with torch.no_grad():
-            module(x)
+            module(x.clone())
 
 
 def activation_bytes(module, x) -> int:
@@ -116,6 +118,7 @@ def activation_bytes(module, x) -> int:
             seen[t.data_ptr()] = t.numel() * t.element_size()
         return t
 
+    x = x.clone()  # non-leaf, as in run()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module(x)
     del out
@@ -159,7 +162,8 @@ def main() -> None:
         batch, seq, d_model, d_ff, experts, reps = 16, 512, 512, 2048, args.experts or [1, 8, 32, 128], args.reps
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
+    # The input requires grad, as a layer inside a model does: every contestant computes its input gradient.
+    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype, requires_grad=True)
 
     def sync():
         if device.type == "cuda":
