@@ -71,10 +71,6 @@ class RoutingPlan:
         expert = torch.where(self.kept_A, self.expert_A, self.num_experts)
         return _count(expert, self.num_experts + 1)[: self.num_experts]
 
-    def kept_per_token(self) -> torch.Tensor:
-        """``[T]`` int64: how many of each token's choices were kept."""
-        out = torch.zeros(self.num_tokens, dtype=torch.long, device=self.token_A.device)
-        return out.index_add_(0, self.token_A, self.kept_A.long())
 
 
 def _count(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -264,10 +260,8 @@ class LocalDispatcher:
         if dispatched.slot_A is not None:
             flat = torch.cat([y.reshape(-1, y.shape[-1]), y.new_zeros(1, y.shape[-1])])
             y_AM = flat[dispatched.slot_A] * (dispatched.gate_N * plan.kept_A).to(y.dtype)[:, None]
-            token_N = dispatched.token_N
         else:
             y_AM = y * dispatched.gate_N.to(y.dtype)[:, None]
-            token_N = dispatched.token_N
         # Tokens with no kept assignment get exactly zero: the block's residual carries them (§2.2).
         out = y_AM.new_zeros(plan.num_tokens, y_AM.shape[-1])
-        return out.index_add(0, token_N, y_AM)
+        return out.index_add(0, dispatched.token_N, y_AM)
