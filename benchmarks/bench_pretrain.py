@@ -6,6 +6,11 @@ training wall time (mean over 3 seeds), with throughput >= 0.9x dense tokens/s.
     python benchmarks/bench_pretrain.py                 # configs/default.toml, seeds 0 1 2 (about 2 x 3 runs)
     python benchmarks/bench_pretrain.py --quick         # tiny config, 1 seed, seconds: a smoke test of the script
     python benchmarks/bench_pretrain.py --config configs/decoder.toml train.steps=900
+    python benchmarks/bench_pretrain.py --jobs 2        # each seed's Switch and dense side by side, 1 thread each
+
+``--jobs N`` trains N runs at once in separate processes (``switchformer train``, one intra-op thread each), so on
+a 2-core machine the Switch run and its dense baseline share the machine equally and their throughputs are measured
+under the same conditions; the default trains them one after the other with all threads.
 
 Writes ``benchmarks/results/pretrain_cpu_<date>.{md,json}`` and ``..._loss.png`` (or ``--results-dir``).
 """
@@ -17,6 +22,7 @@ import datetime as dt
 import json
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +30,7 @@ import torch
 
 from switchformer.cli import build_config, find_recipe
 from switchformer.config import apply_overrides, to_toml
-from switchformer.train.compare import compare
+from switchformer.train.compare import compare, dense_counterpart, summarize
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"step_ratio": ("<=", 0.75), "time_ratio": ("<=", 0.85), "throughput_ratio": (">=", 0.9)}
@@ -35,6 +41,49 @@ def _mean(xs: list[float | None]) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
+def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict]:
+    """Train every seed's Switch and dense runs, ``jobs`` processes at a time, then summarise each seed.
+
+    Runs are queued Switch, dense, Switch, dense... so with ``jobs=2`` each pair trains side by side.
+    """
+    runs = []
+    for seed in seeds:
+        cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
+                                     f"out_dir={runs_dir}", "train.num_threads=1", "train.max_minutes=0",
+                                     "train.progress=false"])
+        out = runs_dir / f"seed{seed}"
+        runs.append((cfg, out / f"seed{seed}"))
+        runs.append((dense_counterpart(cfg), out / f"seed{seed}-dense"))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    from switchformer.train.loop import build_components
+
+    for seed in sorted({cfg.data.seed for cfg, _ in runs}):  # tokenizer and token arrays cached before the runs race
+        build_components(next(cfg for cfg, _ in runs if cfg.data.seed == seed), torch.device("cpu"))
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < jobs:
+            cfg, run_dir = pending.pop(0)
+            recipe = run_dir.with_suffix(".toml")
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(to_toml(cfg))
+            log = open(run_dir.with_suffix(".log"), "w")
+            cmd = [sys.executable, "-m", "switchformer.cli", "train", "--config", str(recipe),
+                   "--run-dir", str(run_dir)]
+            print(f"start {run_dir}", flush=True)
+            active.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_dir, log))
+        proc, run_dir, log = active.pop(0)
+        if proc.wait() != 0:
+            raise RuntimeError(f"run {run_dir} failed; see {run_dir.with_suffix('.log')}")
+        log.close()
+        print(f"done  {run_dir}", flush=True)
+    per_seed = []
+    for seed in seeds:
+        s = summarize(runs_dir / f"seed{seed}" / f"seed{seed}", runs_dir / f"seed{seed}" / f"seed{seed}-dense")
+        s["seed"] = seed
+        per_seed.append(s)
+    return per_seed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (train.steps=900 ...)")
@@ -43,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny config, one seed: checks the script end to end")
     ap.add_argument("--runs-dir", default=None, help="where the runs go (default runs/bench_pretrain_<date>)")
     ap.add_argument("--results-dir", default=str(HERE / "results"), help="where the report goes")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (default 1)")
     args = ap.parse_args(argv)
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M")
@@ -55,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"pretrain_cpu{'_quick' if args.quick else ''}_{stamp}"
 
     per_seed = []
-    for seed in seeds:
+    if args.jobs > 1:
+        per_seed = run_parallel(base, seeds, runs_dir, args.jobs)
+    for seed in seeds if args.jobs <= 1 else []:
         cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
                                      f"out_dir={runs_dir}"])
         s = compare(cfg, out_dir=runs_dir / f"seed{seed}")
@@ -72,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date_utc": stamp, "config": str(find_recipe(config)), "overrides": args.overrides, "quick": args.quick,
         "seeds": seeds, "hardware": {"machine": platform.machine(), "processor": platform.processor(),
-                                     "torch_threads": torch.get_num_threads()},
+                                     "torch_threads": 1 if args.jobs > 1 else torch.get_num_threads(),
+                                     "jobs": args.jobs},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "per_seed": per_seed, "mean": mean, "targets": {k: f"{op} {b}" for k, (op, b) in TARGETS.items()},
         "targets_met": met, "run_config": to_toml(base),
@@ -92,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [f"# Pre-training: Switch vs FLOP-matched dense ({'quick smoke run' if args.quick else 'CPU'}, {stamp})",
              "", f"Config: `{report['config']}` {' '.join(args.overrides)}; seeds {seeds}; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}.", "",
+             f"torch {torch.__version__}, {report['hardware']['torch_threads']} threads per run, "
+             f"{args.jobs} run(s) at once, {platform.machine()}.", "",
              "| seed | dense final val loss | Switch final val loss | step ratio | time ratio | Switch tok/s | "
              "dense tok/s | throughput ratio |", "|---|---|---|---|---|---|---|---|"]
     for s in per_seed:
