@@ -209,3 +209,43 @@ def test_chunked_cached_decoding_equals_full_forward(make_cfg):
         b, _ = model.decode_step(ids[:, 4:7], cache, last_only=False)
         c, _ = model.decode_step(ids[:, 7:8], cache)
     torch.testing.assert_close(torch.cat([a, b, c], 1), full[:, :8], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_decode_step_fast_path_equals_module_path(make_cfg, arch):
+    """The eval fast path (fused QKV projection, skinny vocabulary product) equals the module-by-module step."""
+    model = build_model(make_cfg(arch=arch, decoder_sparse_step=2)).eval()
+    ids = torch.randint(2, 64, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    with torch.inference_mode():
+        caches = []
+        for fast in (True, False):
+            if arch == "encoder_decoder":
+                enc, _ = model.encode(ids, mask.bool(), collect_router=False)
+                cache, _ = model.init_cache(enc, mask.bool(), 8)
+                first = torch.full((3, 1), model.config.decoder_start_token_id)
+            else:
+                cache = model.init_cache(3, 14, None)
+                first = ids
+            if not fast:
+                cache.qkv = None  # forces the module path
+            caches.append((cache, first))
+        (fast_cache, cur), (slow_cache, _) = caches
+        for _ in range(5):
+            a, _ = model.decode_step(cur, fast_cache)
+            b, _ = model.decode_step(cur, slow_cache)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast_cache.kv, slow_cache.kv, rtol=1e-5, atol=1e-6)
+            cur = a[:, -1].argmax(-1)[:, None]
+
+
+def test_vocab_logits_decode_equals_linear():
+    from switchformer.models.blocks import vocab_logits
+
+    w = torch.randn(300, 16)
+    for shape in ((5, 1, 16), (2, 3, 16), (4, 16), (70, 1, 16)):  # 70 rows: above the skinny limit, F.linear
+        h = torch.randn(*shape)
+        got = vocab_logits(h, w, decode=True)
+        assert got.shape == (*shape[:-1], 300)
+        torch.testing.assert_close(got, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(vocab_logits(h, w), torch.nn.functional.linear(h, w))

@@ -27,6 +27,7 @@ from switchformer.models.blocks import (
     init_weights,
     lm_loss,
     mask_value,
+    vocab_logits,
     weighted_aux_loss,
 )
 from switchformer.models.generation import DecoderCache, generate
@@ -58,11 +59,14 @@ class SwitchDecoderLM(nn.Module):
         if init:
             init_weights(self, cfg)
 
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied: ``(h * d_model**-0.5) @ shared.weight.T``; untied: ``lm_head(h)``."""
+    def output_logits(self, h: torch.Tensor, *, decode: bool = False) -> torch.Tensor:
+        """Tied: ``(h * d_model**-0.5) @ shared.weight.T``; untied: ``lm_head(h)``.
+
+        ``decode=True``: a generation step's few rows (``blocks.vocab_logits``: a faster product on CPU).
+        """
         if self.config.tie_word_embeddings:
-            return nn.functional.linear(h * self.config.d_model**-0.5, self.shared.weight)
-        return self.lm_head(h)
+            return vocab_logits(h * self.config.d_model**-0.5, self.shared.weight, decode=decode)
+        return vocab_logits(h, self.lm_head.weight, decode=decode)
 
     def forward(
         self,
@@ -133,7 +137,8 @@ class SwitchDecoderLM(nn.Module):
         if prompt_mask is not None:
             key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=weight.device)
             key_mask[:, : prompt_mask.shape[1]] = prompt_mask
-        return DecoderCache(kv=kv, self_bias=bias, key_mask=key_mask)
+        qkv = [block.layer[0].SelfAttention.fused_qkv_weight() for block in self.decoder.block]
+        return DecoderCache(kv=kv, self_bias=bias, key_mask=key_mask, qkv=qkv)
 
     def decode_step(
         self,
@@ -160,9 +165,21 @@ class SwitchDecoderLM(nn.Module):
         if cache.key_mask is not None:
             mask = mask.masked_fill(~cache.key_mask[:, None, None, : pos + t], mask_value(mask.dtype))
         routers: list[RouterResult] = []
+        if not collect_router and not self.training and cache.qkv is not None and cache.qkv[0] is not None:
+            # Fast path (eval, no router results, dense attention): fused QKV, no module-call overhead; the same
+            # maths as the loop below (dropout is the identity in eval mode).
+            for i, block in enumerate(self.decoder.block):
+                sa, ff = block.layer
+                k_buf, v_buf = cache.layer_kv[i]
+                x = x + sa.SelfAttention.step(sa.layer_norm(x), mask, k_buf, v_buf, pos, cache.qkv[i])
+                x, _ = ff(x, padding_mask=padding_mask, decode=True)
+            cache.pos = pos + t
+            if last_only:
+                x = x[:, -1:]
+            return self.output_logits(self.decoder.final_layer_norm(x), decode=True), routers
         for i, block in enumerate(self.decoder.block):
             x, attn_routers = block.layer[0](
-                x, mask, padding_mask=padding_mask, cache=(cache.kv[i, 0], cache.kv[i, 1]), cache_pos=pos
+                x, mask, padding_mask=padding_mask, cache=cache.layer_kv[i], cache_pos=pos
             )
             x, aux = block.layer[1](x, padding_mask=padding_mask, decode=not collect_router)
             if collect_router:
@@ -174,7 +191,7 @@ class SwitchDecoderLM(nn.Module):
         cache.pos = pos + t
         if last_only:
             x = x[:, -1:]
-        return self.output_logits(self.decoder.final_layer_norm(x)), routers
+        return self.output_logits(self.decoder.final_layer_norm(x), decode=True), routers
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Generate prompt + continuation; see ``switchformer.models.generation``."""

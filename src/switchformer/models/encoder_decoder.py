@@ -30,6 +30,7 @@ from switchformer.models.blocks import (
     init_weights,
     lm_loss,
     mask_value,
+    vocab_logits,
     weighted_aux_loss,
 )
 from switchformer.models.generation import DecoderCache, generate
@@ -75,11 +76,14 @@ class SwitchTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied: ``(h * d_model**-0.5) @ shared.weight.T`` (T5 v1.0 / Mesh TF rescale); untied: ``lm_head(h)``."""
+    def output_logits(self, h: torch.Tensor, *, decode: bool = False) -> torch.Tensor:
+        """Tied: ``(h * d_model**-0.5) @ shared.weight.T`` (T5 v1.0 / Mesh TF rescale); untied: ``lm_head(h)``.
+
+        ``decode=True``: a generation step's few rows (``blocks.vocab_logits``: a faster product on CPU).
+        """
         if self.config.tie_word_embeddings:
-            return nn.functional.linear(h * self.config.d_model**-0.5, self.shared.weight)
-        return self.lm_head(h)
+            return vocab_logits(h * self.config.d_model**-0.5, self.shared.weight, decode=decode)
+        return vocab_logits(h, self.lm_head.weight, decode=decode)
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, collect_router: bool = True
@@ -250,7 +254,10 @@ class SwitchTransformer(nn.Module):
         if enc_pad is not None:
             cross_mask = torch.zeros(B, 1, 1, enc_pad.shape[1], dtype=dtype, device=device)
             cross_mask = cross_mask.masked_fill(~enc_pad[:, None, None, :], mask_value(dtype))
-        cache = DecoderCache(kv=kv, self_bias=self_bias, key_mask=None, cross_kv=cross_kv, cross_mask=cross_mask)
+        qkv = [block.layer[0].SelfAttention.fused_qkv_weight() for block in self.decoder.block]
+        cache = DecoderCache(
+            kv=kv, self_bias=self_bias, key_mask=None, cross_kv=cross_kv, cross_mask=cross_mask, qkv=qkv
+        )
         return cache, routers
 
     def decode_step(
@@ -276,9 +283,22 @@ class SwitchTransformer(nn.Module):
         x = self.shared(ids)
         mask = self.decoder.position_attention.step_bias(cache.self_bias, pos, t)
         routers: list[RouterResult] = []
+        if not collect_router and not self.training and cache.qkv is not None and cache.qkv[0] is not None:
+            # Fast path (eval, no router results, dense attention): fused QKV, no module-call overhead; the same
+            # maths as the loop below (dropout is the identity in eval mode).
+            for i, block in enumerate(self.decoder.block):
+                sa, ca, ff = block.layer
+                k_buf, v_buf = cache.layer_kv[i]
+                x = x + sa.SelfAttention.step(sa.layer_norm(x), mask, k_buf, v_buf, pos, cache.qkv[i])
+                x = x + ca.EncDecAttention.cross_step(ca.layer_norm(x), cache.cross_mask, *cache.cross_kv[i])
+                x, _ = ff(x, padding_mask=padding_mask, decode=True)
+            cache.pos = pos + t
+            if last_only:
+                x = x[:, -1:]
+            return self.output_logits(self.decoder.final_layer_norm(x), decode=True), routers
         for i, block in enumerate(self.decoder.block):
             x, self_routers = block.layer[0](
-                x, mask, padding_mask=padding_mask, cache=(cache.kv[i, 0], cache.kv[i, 1]), cache_pos=pos
+                x, mask, padding_mask=padding_mask, cache=cache.layer_kv[i], cache_pos=pos
             )
             x, cross_routers = block.layer[1](
                 x, cache.cross_mask, static_kv=cache.cross_kv[i], padding_mask=padding_mask
@@ -296,7 +316,7 @@ class SwitchTransformer(nn.Module):
         cache.pos = pos + t
         if last_only:
             x = x[:, -1:]
-        return self.output_logits(self.decoder.final_layer_norm(x)), routers
+        return self.output_logits(self.decoder.final_layer_norm(x), decode=True), routers
 
     # -------------------------------------------------------------------------------------- helpers
 

@@ -54,6 +54,8 @@ class DecoderCache:
         cross_kv: per decoder layer ``(k, v)`` each ``[B, H, S, Dh]`` (encoder-decoder), or None.
         cross_mask: ``[B, 1, 1, S]`` additive encoder-padding mask, or None.
         pos: positions written so far.
+        qkv: per decoder layer the fused self-attention projection ``Attention.fused_qkv_weight()`` (the eval-mode
+            fast path), or None.
     """
 
     kv: torch.Tensor
@@ -62,6 +64,12 @@ class DecoderCache:
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     cross_mask: torch.Tensor | None = None
     pos: int = 0
+    qkv: list[torch.Tensor | None] | None = None
+    layer_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Per-layer (k, v) views of ``kv``, made once: ``reorder`` writes ``kv`` in place, so they stay valid.
+        self.layer_kv = [(self.kv[i, 0], self.kv[i, 1]) for i in range(self.kv.shape[0])]
 
     def reorder(self, index: torch.Tensor, *, self_attention_only: bool = False) -> None:
         """Select/reorder batch rows (beam search): row b of the result is old row ``index[b]``.
