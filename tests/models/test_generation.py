@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -175,8 +177,31 @@ def test_decode_fast_path_equals_switch_layer(make_cfg, proj):
             torch.testing.assert_close(switch_ffn_decode(mlp, x, mask, method=method), ref, rtol=1e-5, atol=1e-6)
     mlp.eval_capacity_factor = 1.0
     assert not decode_fast_path_ok(mlp, x)  # a finite capacity could drop tokens: use the general layer
+    # Capacities that no routing group can exceed: the fast path is exact.
+    for factor, capacity in ((4.0, None), (1.0, 1), (None, 3)):
+        mlp.eval_capacity_factor, mlp.expert_capacity = factor, capacity
+        assert decode_fast_path_ok(mlp, x), (factor, capacity)
+        with torch.no_grad():
+            ref, aux = mlp(x, padding_mask=mask)
+            assert int(aux.dropped_tokens) == 0
+            torch.testing.assert_close(switch_ffn_decode(mlp, x, mask), ref, rtol=1e-5, atol=1e-6)
+    mlp.expert_capacity = 1  # per sequence: two tokens per row could overflow it
+    assert not decode_fast_path_ok(mlp, torch.randn(5, 2, 32))
     mlp.train()
     assert not decode_fast_path_ok(mlp, x)
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_fixed_capacity_generation_fast_path_equals_general_layer(make_cfg, arch):
+    """dropless=False with transformers' per-sequence capacity: the decode steps take the fast path (one token per
+    sequence cannot overflow it); return_router=True runs the general layer; same tokens."""
+    moe = make_cfg().moe
+    cfg = make_cfg(arch=arch, decoder_sparse_step=1, moe=dataclasses.replace(moe, expert_capacity=2))
+    model = build_model(cfg).eval()
+    ids = torch.randint(2, 64, (4, 6))
+    fast = model.generate(ids, max_new_tokens=6, dropless=False)
+    slow, _ = model.generate(ids, max_new_tokens=6, dropless=False, return_router=True)
+    assert torch.equal(fast, slow)
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])

@@ -451,9 +451,28 @@ class LayerCrossAttention(nn.Module):
 _DECODE_GATHER_LIMIT = 2**25
 
 
+def _routing_cannot_drop(mlp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether eval-mode routing of ``x`` (top-1) through ``mlp`` can drop no token: dropless, or a capacity at
+    least as large as every routing group (then capacity, NTLB and batch-prioritized routing change nothing)."""
+    from switchformer.moe.dispatch import expert_capacity
+
+    if mlp.expert_capacity is not None:  # transformers' semantics: each sequence of [B, t, M] is a group of t
+        return x.dim() == 3 and x.shape[1] <= mlp.expert_capacity
+    if mlp.eval_capacity_factor is None:
+        return True
+    tokens = x.numel() // x.shape[-1]
+    group = mlp.group_size or max(tokens, 1)
+    capacity = expert_capacity(
+        group, mlp.num_experts, mlp.eval_capacity_factor, top_k=1, min_capacity=mlp.min_capacity
+    )
+    return capacity >= min(group, tokens)
+
+
 def decode_fast_path_ok(mlp: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``switch_ffn_decode`` computes exactly what ``mlp`` (a SwitchFFN) would: eval mode, top-1, dropless
-    (generation sets the capacities to None), the local dispatcher (all experts on this device), few tokens."""
+    """Whether ``switch_ffn_decode`` computes exactly what ``mlp`` (a SwitchFFN) would: eval mode, top-1, no token
+    can be dropped (dropless, as generation sets by default, or a capacity no routing group of ``x`` can exceed:
+    e.g. transformers' per-sequence ``expert_capacity`` with one new token per sequence), the local dispatcher
+    (all experts on this device), few tokens."""
     from switchformer.moe.dispatch import LocalDispatcher
 
     tokens = x.numel() // x.shape[-1]
@@ -461,10 +480,9 @@ def decode_fast_path_ok(mlp: nn.Module, x: torch.Tensor) -> bool:
     return (
         not mlp.training
         and mlp.top_k == 1
-        and mlp.expert_capacity is None
-        and mlp.eval_capacity_factor is None
         and type(mlp.dispatcher) is LocalDispatcher
         and tokens * w_in.shape[1] * w_in.shape[2] <= _DECODE_GATHER_LIMIT
+        and _routing_cannot_drop(mlp, x)
     )
 
 

@@ -251,7 +251,7 @@ class SwitchTransformer(nn.Module):
                     r.name = f"decoder.block.{i}.layer.1.EncDecAttention.{r.name}"
                     routers.append(r)
         cross_mask = None
-        if enc_pad is not None:
+        if enc_pad is not None and not bool(enc_pad.all()):  # an all-zero additive mask would only cost time
             cross_mask = torch.zeros(B, 1, 1, enc_pad.shape[1], dtype=dtype, device=device)
             cross_mask = cross_mask.masked_fill(~enc_pad[:, None, None, :], mask_value(dtype))
         qkv = [block.layer[0].SelfAttention.fused_qkv_weight() for block in self.decoder.block]
