@@ -256,3 +256,18 @@ def test_save_and_from_pretrained_round_trip(make_cfg, arch, tmp_path):
         torch.testing.assert_close(loaded(ids, **kw).logits, model(ids, **kw).logits, rtol=0, atol=0)
     again = type(model).from_pretrained(tmp_path / "ckpt")
     assert set(again.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_all_ones_mask_equals_no_mask(make_cfg, arch):
+    """A mask without padding is dropped (blocks.drop_full_mask): same logits, losses and router results as None."""
+    model = build_model(make_cfg(arch=arch)).eval()
+    ids = torch.randint(2, 64, (3, 7))
+    kw = {"decoder_input_ids": ids[:, :5]} if arch == "encoder_decoder" else {}
+    with torch.no_grad():
+        a = model(ids, attention_mask=torch.ones_like(ids), labels=ids[:, :5] if kw else ids, **kw)
+        b = model(ids, labels=ids[:, :5] if kw else ids, **kw)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    for ra, rb in zip(a.router, b.router, strict=True):
+        assert torch.equal(ra.expert_index, rb.expert_index)
+        assert torch.equal(ra.tokens_per_expert, rb.tokens_per_expert)

@@ -728,6 +728,17 @@ def check_ids(name: str, ids: torch.Tensor | None, vocab_size: int | None = None
         raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(ids.shape)}; add .unsqueeze(0)")
 
 
+def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a bool padding mask without padding (all True), which means the same; else ``mask``.
+
+    Saves the ``[B, H, T, S]`` masked copy of the position bias and the padding work of routing. CPU only: the
+    check is a host sync, free there but not on accelerators.
+    """
+    if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
+        return None
+    return mask
+
+
 def check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
     """Validate a [batch, seq] 0/1 mask against ``ids``; return it as bool (True = real token) or None."""
     if mask is None:

@@ -24,6 +24,7 @@ from switchformer.models.blocks import (
     Stack,
     check_ids,
     check_mask,
+    drop_full_mask,
     init_weights,
     lm_loss,
     mask_value,
@@ -88,7 +89,7 @@ class SwitchDecoderLM(nn.Module):
         """
         check_ids("input_ids", input_ids)
         check_ids("labels", labels)
-        pad = check_mask("attention_mask", attention_mask, input_ids)
+        pad = drop_full_mask(check_mask("attention_mask", attention_mask, input_ids))
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"

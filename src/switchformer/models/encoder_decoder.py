@@ -27,6 +27,7 @@ from switchformer.models.blocks import (
     Stack,
     check_ids,
     check_mask,
+    drop_full_mask,
     init_weights,
     lm_loss,
     mask_value,
@@ -98,7 +99,7 @@ class SwitchTransformer(nn.Module):
             (hidden ``[B, S, M]`` after the final norm and dropout, router results ``encoder.block.{i}``).
         """
         check_ids("input_ids", input_ids)
-        pad = check_mask("attention_mask", attention_mask, input_ids)
+        pad = drop_full_mask(check_mask("attention_mask", attention_mask, input_ids))
         S = input_ids.shape[1]
         x = self.encoder.dropout(self.shared(input_ids))
         bias = self.encoder.position_attention.compute_bias(S, S).to(x.dtype)  # [1, H, S, S], shared by all blocks
@@ -138,9 +139,9 @@ class SwitchTransformer(nn.Module):
             (hidden ``[B, T, M]`` after the final norm and dropout, router results ``decoder.block.{i}``).
         """
         check_ids("decoder_input_ids", decoder_input_ids)
-        enc_pad = check_mask("attention_mask", attention_mask, encoder_hidden[..., 0])
-        dec_pad = check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        route_pad = dec_pad if decoder_padding_mask is None else decoder_padding_mask
+        enc_pad = drop_full_mask(check_mask("attention_mask", attention_mask, encoder_hidden[..., 0]))
+        dec_pad = drop_full_mask(check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids))
+        route_pad = dec_pad if decoder_padding_mask is None else drop_full_mask(decoder_padding_mask)
         T = decoder_input_ids.shape[1]
         x = self.decoder.dropout(self.shared(decoder_input_ids))
         neg = mask_value(x.dtype)
