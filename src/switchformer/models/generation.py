@@ -109,19 +109,25 @@ def generation_mode(model: torch.nn.Module, dropless: bool):
     from switchformer.moe import SwitchFFN
 
     was_training = model.training
+    modules = list(model.modules())
+    # model.eval()/train() walk every module through nn.Module.__setattr__ (~ms at generation's scale): skip them
+    # when every module already is in eval mode (then train(False) afterwards would change nothing either).
+    switch_mode = any(m.training for m in modules)
     saved = []
     if dropless:
-        for m in model.modules():
+        for m in modules:
             if isinstance(m, SwitchFFN):
                 saved.append((m, m.eval_capacity_factor, m.expert_capacity))
                 m.eval_capacity_factor, m.expert_capacity = None, None
-    model.eval()
+    if switch_mode:
+        model.eval()
     try:
         yield
     finally:
         for m, factor, capacity in saved:
             m.eval_capacity_factor, m.expert_capacity = factor, capacity
-        model.train(was_training)
+        if switch_mode:
+            model.train(was_training)
 
 
 def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
