@@ -216,7 +216,8 @@ def write_report(results: list[dict], s: Setting, env: dict, stem: Path) -> None
         f"{s.reps} interleaved repetitions, medians. Ratio = transformers time / switchformer time (> 1: faster). "
         f"Our generate() {'dropless (default)' if s.dropless else 'with dropless=False'}. 1-minute load average "
         f"{env['loadavg_start']:.1f} at the start and {env.get('loadavg_end', float('nan')):.1f} at the end "
-        f"(shared machine; the JSON has every repetition and the ratio of minima).",
+        f"(shared machine; the JSON has every repetition and the ratio of minima). Freed memory reused "
+        f"(`runtime.reuse_freed_memory`, process-wide, both sides): {env.get('reuse_freed_memory', False)}.",
         "",
         "| config | params | measure | switchformer | transformers | ratio | target | check |",
         "|---|---|---|---|---|---|---|---|",
@@ -251,7 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="generate with dropless=False (transformers' encoder capacity) instead of our default")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables (and store them in JSON)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/models_cpu_<date>)")
+    p.add_argument("--fresh-memory", action="store_true",
+                   help="leave glibc's default of returning big freed blocks to the OS (default: reuse them, as the "
+                        "switchformer CLI does; process-wide, so transformers gets the same setting)")
     args = p.parse_args(argv)
+    if not args.fresh_memory:
+        from switchformer.runtime import reuse_freed_memory
+
+        # The [8, 128, 32128] logits (131 MB) would otherwise be fresh, zero-filled pages on every call on both sides.
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Setting(reps=args.reps, dropless=not args.hf_capacity_in_generate)
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "loadavg_start": os.getloadavg()[0],
+        "loadavg_start": os.getloadavg()[0], "reuse_freed_memory": not args.fresh_memory,
     }
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), env["cpu"])
