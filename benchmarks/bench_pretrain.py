@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,12 @@ def _mean(xs: list[float | None]) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
+def _finished(run_dir: Path, steps: int) -> bool:
+    from switchformer.metrics import read_metrics
+
+    return (run_dir / "metrics.jsonl").is_file() and any(r.get("step") == steps for r in read_metrics(run_dir, "end"))
+
+
 def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict]:
     """Train every seed's Switch and dense runs, ``jobs`` processes at a time, then summarise each seed.
 
@@ -59,10 +66,18 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict
 
     for seed in sorted({cfg.data.seed for cfg, _ in runs}):  # tokenizer and token arrays cached before the runs race
         build_components(next(cfg for cfg, _ in runs if cfg.data.seed == seed), torch.device("cpu"))
-    pending, active = list(runs), []
+    # a run that already finished (an "end" record at the planned step) is kept: an interrupted benchmark resumes
+    # with the runs it lacks (same --runs-dir), and those it has keep their numbers
+    pending = [(cfg, d) for cfg, d in runs if not _finished(d, cfg.train.steps)]
+    for _, d in runs:
+        if not any(d == p for _, p in pending):
+            print(f"keep  {d} (finished)", flush=True)
+    active = []
     while pending or active:
         while pending and len(active) < jobs:
             cfg, run_dir = pending.pop(0)
+            if run_dir.exists():  # an unfinished run from an interrupted benchmark: start it afresh
+                shutil.rmtree(run_dir)
             recipe = run_dir.with_suffix(".toml")
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             recipe.write_text(to_toml(cfg))
