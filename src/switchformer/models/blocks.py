@@ -213,7 +213,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
 
 
-
 class Attention(nn.Module):
     """T5 multi-head attention: no biases, no 1/sqrt(d_kv) scaling (T5 folds it into the init), optional relative
     position bias (owned by block 0 of a stack and shared by the later blocks, which receive it as a mask).
@@ -662,7 +661,6 @@ def vocab_logits(h: torch.Tensor, weight: torch.Tensor, *, decode: bool = False)
     if decode and h.device.type == "cpu" and 0 < rows <= _SKINNY_LOGITS_ROWS:
         return torch.mm(weight, h.reshape(rows, h.shape[-1]).t()).t().unflatten(0, h.shape[:-1])
     return F.linear(h, weight)
-
 
 
 @dataclass

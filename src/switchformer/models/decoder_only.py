@@ -166,19 +166,16 @@ class SwitchDecoderLM(nn.Module):
         if cache.key_mask is not None:
             mask = mask.masked_fill(~cache.key_mask[:, None, None, : pos + t], mask_value(mask.dtype))
         routers: list[RouterResult] = []
-        if not collect_router and not self.training and cache.qkv is not None and cache.qkv[0] is not None:
-            # Fast path (eval, no router results, dense attention): fused QKV, no module-call overhead; the same
-            # maths as the loop below (dropout is the identity in eval mode).
-            for i, block in enumerate(self.decoder.block):
+        fast = cache.fast_path_ok(self.training, collect_router)
+        for i, block in enumerate(self.decoder.block):
+            if fast:
+                # Fast path (eval, no router results, dense attention): fused QKV, no module-call overhead; the
+                # same maths as the general path (dropout is the identity in eval mode).
                 sa, ff = block.layer
                 k_buf, v_buf = cache.layer_kv[i]
                 x = x + sa.SelfAttention.step(sa.layer_norm(x), mask, k_buf, v_buf, pos, cache.qkv[i])
                 x, _ = ff(x, padding_mask=padding_mask, decode=True)
-            cache.pos = pos + t
-            if last_only:
-                x = x[:, -1:]
-            return self.output_logits(self.decoder.final_layer_norm(x), decode=True), routers
-        for i, block in enumerate(self.decoder.block):
+                continue
             x, attn_routers = block.layer[0](
                 x, mask, padding_mask=padding_mask, cache=cache.layer_kv[i], cache_pos=pos
             )

@@ -252,7 +252,8 @@ class SwitchTransformer(nn.Module):
                     r.name = f"decoder.block.{i}.layer.1.EncDecAttention.{r.name}"
                     routers.append(r)
         cross_mask = None
-        if enc_pad is not None and not bool(enc_pad.all()):  # an all-zero additive mask would only cost time
+        enc_pad = drop_full_mask(enc_pad)  # an all-zero additive mask would only cost time
+        if enc_pad is not None:
             cross_mask = torch.zeros(B, 1, 1, enc_pad.shape[1], dtype=dtype, device=device)
             cross_mask = cross_mask.masked_fill(~enc_pad[:, None, None, :], mask_value(dtype))
         qkv = [block.layer[0].SelfAttention.fused_qkv_weight() for block in self.decoder.block]
@@ -284,20 +285,17 @@ class SwitchTransformer(nn.Module):
         x = self.shared(ids)
         mask = self.decoder.position_attention.step_bias(cache.self_bias, pos, t)
         routers: list[RouterResult] = []
-        if not collect_router and not self.training and cache.qkv is not None and cache.qkv[0] is not None:
-            # Fast path (eval, no router results, dense attention): fused QKV, no module-call overhead; the same
-            # maths as the loop below (dropout is the identity in eval mode).
-            for i, block in enumerate(self.decoder.block):
+        fast = cache.fast_path_ok(self.training, collect_router)
+        for i, block in enumerate(self.decoder.block):
+            if fast:
+                # Fast path (eval, no router results, dense attention): fused QKV, no module-call overhead; the
+                # same maths as the general path (dropout is the identity in eval mode).
                 sa, ca, ff = block.layer
                 k_buf, v_buf = cache.layer_kv[i]
                 x = x + sa.SelfAttention.step(sa.layer_norm(x), mask, k_buf, v_buf, pos, cache.qkv[i])
                 x = x + ca.EncDecAttention.cross_step(ca.layer_norm(x), cache.cross_mask, *cache.cross_kv[i])
                 x, _ = ff(x, padding_mask=padding_mask, decode=True)
-            cache.pos = pos + t
-            if last_only:
-                x = x[:, -1:]
-            return self.output_logits(self.decoder.final_layer_norm(x), decode=True), routers
-        for i, block in enumerate(self.decoder.block):
+                continue
             x, self_routers = block.layer[0](
                 x, mask, padding_mask=padding_mask, cache=cache.layer_kv[i], cache_pos=pos
             )

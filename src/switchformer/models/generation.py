@@ -76,6 +76,11 @@ class DecoderCache:
         # Per-layer (k, v) views of ``kv``, made once: ``reorder`` writes ``kv`` in place, so they stay valid.
         self.layer_kv = [(self.kv[i, 0], self.kv[i, 1]) for i in range(self.kv.shape[0])]
 
+    def fast_path_ok(self, training: bool, collect_router: bool) -> bool:
+        """Whether ``decode_step`` may take the eval fast path: eval mode, no router results wanted, and fused
+        projections available (dense attention; Switch attention has none)."""
+        return not training and not collect_router and self.qkv is not None and self.qkv[0] is not None
+
     def reorder(self, index: torch.Tensor, *, self_attention_only: bool = False) -> None:
         """Select/reorder batch rows (beam search): row b of the result is old row ``index[b]``.
 

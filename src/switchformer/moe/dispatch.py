@@ -72,7 +72,6 @@ class RoutingPlan:
         return _count(expert, self.num_experts + 1)[: self.num_experts]
 
 
-
 def _count(index: torch.Tensor, size: int) -> torch.Tensor:
     """``bincount`` with a known size. torch.bincount reads ``index.max()`` back to the host on accelerators; a
     scatter-add into a fixed-size buffer keeps the static-capacity path free of host syncs."""
