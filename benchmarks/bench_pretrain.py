@@ -71,10 +71,12 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict
         build_components(next(cfg for cfg, _ in runs if cfg.data.seed == seed), torch.device("cpu"))
     # a run that already finished (an "end" record at the planned step) is kept: an interrupted benchmark resumes
     # with the runs it lacks (same --runs-dir), and those it has keep their numbers
-    pending = [(cfg, d) for cfg, d in runs if not _finished(d, cfg.train.steps)]
-    for _, d in runs:
-        if not any(d == p for _, p in pending):
+    pending = []
+    for cfg, d in runs:
+        if _finished(d, cfg.train.steps):
             print(f"keep  {d} (finished)", flush=True)
+        else:
+            pending.append((cfg, d))
     active = []
     while pending or active:
         while pending and len(active) < jobs:
@@ -84,15 +86,14 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict
             recipe = run_dir.with_suffix(".toml")
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             recipe.write_text(to_toml(cfg))
-            log = open(run_dir.with_suffix(".log"), "w")
             cmd = [sys.executable, "-m", "switchformer.cli", "train", "--config", str(recipe),
                    "--run-dir", str(run_dir)]
             print(f"start {run_dir}", flush=True)
-            active.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_dir, log))
-        proc, run_dir, log = active.pop(0)
+            with open(run_dir.with_suffix(".log"), "w") as log:  # the child keeps its own copy of the descriptor
+                active.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_dir))
+        proc, run_dir = active.pop(0)
         if proc.wait() != 0:
             raise RuntimeError(f"run {run_dir} failed; see {run_dir.with_suffix('.log')}")
-        log.close()
         print(f"done  {run_dir}", flush=True)
     per_seed = []
     for seed in seeds:
@@ -122,15 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(args.runs_dir or f"runs/bench_pretrain_{stamp}")
     tag = f"pretrain_cpu{'_quick' if args.quick else ''}_{stamp}"
 
-    per_seed = []
     if args.jobs > 1:
         per_seed = run_parallel(base, seeds, runs_dir, args.jobs)
-    for seed in seeds if args.jobs <= 1 else []:
-        cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
-                                     f"out_dir={runs_dir}"])
-        s = compare(cfg, out_dir=runs_dir / f"seed{seed}")
-        s["seed"] = seed
-        per_seed.append(s)
+    else:
+        per_seed = []
+        for seed in seeds:
+            cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
+                                         f"out_dir={runs_dir}"])
+            s = compare(cfg, out_dir=runs_dir / f"seed{seed}")
+            s["seed"] = seed
+            per_seed.append(s)
 
     keys = ["step_ratio", "time_ratio", "throughput_ratio", "dense_final_val_loss", "switch_final_val_loss",
             "switch_tokens_per_s", "dense_tokens_per_s", "dense_train_seconds"]
