@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from switchformer.models import GenerationRouting, build_model
-from switchformer.models.generation import filter_logits
+from switchformer.models.generation import filter_logits, greedy_argmax
 
 
 def _greedy_recompute(model, ids, mask, steps, eos=None, pad=0):
@@ -274,3 +274,20 @@ def test_vocab_logits_decode_equals_linear():
         assert got.shape == (*shape[:-1], 300)
         torch.testing.assert_close(got, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-5)
     assert torch.equal(vocab_logits(h, w), torch.nn.functional.linear(h, w))
+
+
+def test_greedy_argmax_equals_torch_argmax():
+    """The NumPy path picks exactly torch's index: first of tied maxima, NaN counted as maximal, strided views."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g)
+    logits[1, [3, 700]] = 50.0  # a tie: the first index wins
+    logits[2, 10] = float("nan")  # NaN wins over any number
+    logits[3, [5, 9]] = float("nan")  # the first NaN
+    logits[4] = float("-inf")  # all -inf: index 0
+    logits[5, -1] = float("inf")
+    transposed = logits.T.contiguous().T  # the [V, B]-backed view that vocab_logits returns on CPU
+    for x in (logits, transposed, logits[:, ::3]):
+        assert torch.equal(greedy_argmax(x), x.argmax(-1))
+    assert greedy_argmax(logits).dtype == torch.long
+    double = logits.double()  # other dtypes keep torch's argmax
+    assert torch.equal(greedy_argmax(double), double.argmax(-1))
