@@ -159,11 +159,13 @@ def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` for ``[B, V]`` logits; on CPU in float32 it runs through NumPy.
 
-    torch's CPU argmax walks a row element by element: 0.6 ms for 8 x 32128 logits on this machine, about 5% of a
-    tiny decode step, where NumPy's vectorised argmax takes 0.03 ms. Both return the first maximal index and treat NaN
-    as maximal (tested in tests/test_generation.py), so greedy tokens do not change.
+    torch's CPU argmax walks a row element by element: 0.75 ms for the 8 x 32128 logits of a tiny decode step on this
+    machine (about 6% of the step), where NumPy takes 0.24 ms on the same strided view (0.03 ms when contiguous).
+    Both return the first maximal index and treat NaN as maximal (tested in tests/models/test_generation.py), so
+    greedy tokens do not change.
     """
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and not logits.requires_grad:
+    cpu_float = logits.device.type == "cpu" and logits.dtype == torch.float32
+    if cpu_float and logits.dim() == 2 and not logits.requires_grad:
         return torch.from_numpy(np.ascontiguousarray(logits.numpy()).argmax(-1))
     return logits.argmax(-1)
 
