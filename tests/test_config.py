@@ -88,3 +88,13 @@ def test_toml_unknown_key_and_wrong_type(tmp_path):
 def test_recipes_load(path):
     cfg = load_toml(path)
     assert cfg.train.steps > 0
+
+
+def test_is_sparse_ignores_the_encoder_step_of_a_decoder_only_model():
+    from switchformer.config import ModelConfig
+
+    assert ModelConfig(encoder_sparse_step=2, decoder_sparse_step=0).is_sparse
+    assert not ModelConfig(encoder_sparse_step=0, decoder_sparse_step=0).is_sparse
+    assert not ModelConfig(arch="decoder_only", encoder_sparse_step=2, decoder_sparse_step=0).is_sparse
+    assert ModelConfig(arch="decoder_only", encoder_sparse_step=0, decoder_sparse_step=2).is_sparse
+    assert ModelConfig(encoder_sparse_step=0, decoder_sparse_step=0, switch_attention=True).is_sparse

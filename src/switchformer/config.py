@@ -112,6 +112,12 @@ class ModelConfig:
         if isinstance(self.moe, dict):  # from JSON / TOML
             self.moe = MoEConfig(**self.moe)
 
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the model has any Switch layer (a decoder-only model has no encoder: its step is ignored)."""
+        encoder_step = self.encoder_sparse_step if self.arch == "encoder_decoder" else 0
+        return bool(encoder_step or self.decoder_sparse_step or self.switch_attention)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -115,7 +115,7 @@ def compare(cfg: RunConfig, *, out_dir: str | Path | None = None, print_fn: Call
     from switchformer.plot import plot_losses, plot_runs
     from switchformer.train.loop import train
 
-    if not (cfg.model.encoder_sparse_step or cfg.model.decoder_sparse_step):
+    if not cfg.model.is_sparse:
         raise ValueError("compare needs a Switch config (model.encoder_sparse_step or decoder_sparse_step > 0)")
     if out_dir is None:
         out_dir = Path(cfg.out_dir) / f"{cfg.name}-compare"

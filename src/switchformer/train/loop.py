@@ -258,7 +258,7 @@ def train(
         comp.tokenizer.save(run_dir / "tokenizer")
     n_params = sum(p.numel() for p in model.parameters())
     mc = comp.model_cfg
-    kind = f"Switch, {mc.moe.num_experts} experts" if mc.encoder_sparse_step or mc.decoder_sparse_step else "dense"
+    kind = f"Switch, {mc.moe.num_experts} experts" if mc.is_sparse else "dense"
     print_fn(f"run {run_dir}: {mc.arch} ({kind}), {n_params / 1e6:.2f}M parameters, vocab {mc.vocab_size}; "
              f"setup {time.perf_counter() - t_setup:.0f}s")
 
