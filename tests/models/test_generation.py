@@ -267,13 +267,36 @@ def test_decode_step_fast_path_equals_module_path(make_cfg, arch):
 def test_vocab_logits_decode_equals_linear():
     from switchformer.models.blocks import vocab_logits
 
-    w = torch.randn(300, 16)
+    w = torch.randn(40000, 16)  # tall and large enough for the skinny product
     for shape in ((5, 1, 16), (2, 3, 16), (4, 16), (70, 1, 16)):  # 70 rows: above the skinny limit, F.linear
         h = torch.randn(*shape)
         got = vocab_logits(h, w, decode=True)
-        assert got.shape == (*shape[:-1], 300)
+        assert got.shape == (*shape[:-1], 40000)
         torch.testing.assert_close(got, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-5)
     assert torch.equal(vocab_logits(h, w), torch.nn.functional.linear(h, w))
+
+
+def test_decode_linear_picks_the_skinny_product_only_for_large_tall_weights():
+    from switchformer.models.blocks import decode_linear
+
+    h = torch.randn(8, 1, 512)
+    tall = torch.randn(2048, 512) * 0.05
+    got = decode_linear(h, tall)
+    assert not got.is_contiguous()  # the transposed (weight @ h.T).T view
+    torch.testing.assert_close(got, torch.nn.functional.linear(h, tall), rtol=1e-5, atol=1e-5)
+    for w in (torch.randn(512, 2048), torch.randn(384, 128)):  # wide, or too small: exactly F.linear
+        x = torch.randn(8, 1, w.shape[1])
+        assert torch.equal(decode_linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gated-gelu"])
+def test_dense_ffn_decode_equals_forward(activation):
+    from switchformer.models.blocks import DenseFFN
+
+    ffn = DenseFFN(512, 2048, activation, dropout=0.1).eval()
+    x = torch.randn(8, 1, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn.decode(x), ffn(x), rtol=1e-5, atol=1e-6)
 
 
 def test_greedy_argmax_equals_torch_argmax():
