@@ -94,7 +94,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config, overrides = _split_positional(args.overrides)
     cfg = build_config(args.config or config, overrides, args.decoder_only)
-    compare(cfg, out_dir=args.out)
+    compare(cfg, out_dir=args.out, wide_dense=args.wide_dense)
     return 0
 
 
@@ -193,6 +193,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML recipe path or name in configs/")
     p.add_argument("--decoder-only", action="store_true", help="decoder-only LM (configs/decoder.toml)")
     p.add_argument("--out", help="output folder (default runs/<name>-compare)")
+    p.add_argument("--wide-dense", type=int, default=0, metavar="K",
+                   help="also train a dense model with K x wider FFNs (K >= 2; not FLOP-matched): the ceiling of "
+                        "what extra FFN parameters can buy at this budget")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="validation loss / neg log perplexity of a run's newest checkpoint")

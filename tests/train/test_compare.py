@@ -47,3 +47,63 @@ def test_bench_pretrain_quick(tmp_path):
     assert s["dense_final_val_loss"] > 0 and s["dense_steps"] == 12
     assert set(data["targets_met"]) == {"step_ratio", "time_ratio", "throughput_ratio"}
     assert list(res.glob("pretrain_cpu_quick_*.md")) and list(res.glob("pretrain_cpu_quick_*_loss.png"))
+
+
+def test_wide_dense_counterpart():
+    from switchformer.train.compare import wide_dense_counterpart
+
+    cfg = apply_overrides(RunConfig(), ["model.d_ff=256", "name=sw"])
+    wide = wide_dense_counterpart(cfg, 4)
+    assert wide.model.d_ff == 1024 and wide.name == "sw-dense-x4"
+    assert not wide.model.is_sparse
+    same = apply_overrides(wide, ["model.d_ff=256", "name=sw-dense"])
+    assert same == dense_counterpart(cfg)  # only the FFN width differs from the FLOP-matched baseline
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="wide_dense must be an integer >= 2"):
+            wide_dense_counterpart(cfg, bad)
+
+
+def _write_evals(run_dir: Path, losses: list[float], seconds_per_step: float = 0.1) -> Path:
+    run_dir.mkdir(parents=True)
+    recs = [{"kind": "train", "step": 10 * (i + 1), "tokens_per_s": 1000.0} for i in range(len(losses))]
+    recs += [{"kind": "eval", "step": 10 * (i + 1), "train_seconds": 10 * (i + 1) * seconds_per_step,
+              "val_loss": v} for i, v in enumerate(losses)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return run_dir
+
+
+@pytest.mark.parametrize("wide_losses, helps", [([5.0, 4.0, 3.5, 3.0], True), ([5.5, 4.8, 4.4, 4.2], False)])
+def test_summary_with_the_wide_dense_ceiling(tmp_path, wide_losses, helps):
+    from switchformer.train.compare import format_summary, summarize
+
+    sw = _write_evals(tmp_path / "sw", [5.0, 4.5, 4.0, 3.9])
+    de = _write_evals(tmp_path / "de", [5.0, 4.6, 4.2, 4.0])
+    wide = _write_evals(tmp_path / "wide", wide_losses)
+    s = summarize(sw, de, wide)
+    assert s["step_ratio"] == pytest.approx(30.0 / 40.0)  # Switch reaches the dense 4.0 at step 30
+    assert s["wide_dense_final_val_loss"] == wide_losses[-1]
+    text = format_summary(s)
+    if helps:
+        assert s["wide_dense_step_ratio"] == pytest.approx(0.5)  # reaches 4.0 at step 20
+        assert "extra FFN parameters help" in text
+    else:
+        assert s["wide_dense_step_ratio"] is None
+        assert "do not help" in text
+    assert "wide_dense_run" not in summarize(sw, de)
+
+
+def test_cli_compare_with_wide_dense(tmp_path, capsys):
+    from switchformer.cli import main
+
+    tiny = str(ROOT / "configs" / "tiny_test.toml")
+    out = tmp_path / "cmp"
+    args = ["compare", tiny, f"out_dir={tmp_path}", "name=t", "train.steps=3", "train.eval_every=3",
+            "train.num_threads=1", "--out", str(out)]
+    assert main([*args, "--wide-dense", "1"]) == 2
+    assert "wide_dense must be an integer >= 2" in capsys.readouterr().err
+    assert main([*args, "--wide-dense", "2"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert Path(report["wide_dense_run"]).name == "t-dense-x2"
+    cfg_text = (out / "t-dense-x2" / "config.toml").read_text()
+    assert "d_ff = 128" in cfg_text  # tiny_test.toml has d_ff 64
+    assert "ceiling:" in capsys.readouterr().out

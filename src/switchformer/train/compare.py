@@ -6,6 +6,12 @@ d_model * num_experts per token). Both train for the same steps on the same batc
 same optimizer and schedule. The report says how many times fewer steps, and how much less training wall time
 (evaluation excluded), the Switch model needs to reach the dense model's final validation loss; crossings are
 linearly interpolated between evaluation points.
+
+``wide_dense=K`` (``switchformer compare --wide-dense K``) also trains a dense model whose FFNs are K times wider
+(every parameter active, K times the FFN FLOPs). It is a ceiling, not a baseline: a Switch layer adds FFN
+parameters at constant FLOPs, so where even the wider dense model does not reach the dense loss sooner, the budget
+is one in which extra FFN parameters do not help and no Switch configuration can be expected to beat the dense
+model by much (docs/training.md, "Is FFN capacity what this budget lacks?").
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ def dense_counterpart(cfg: RunConfig) -> RunConfig:
     """The FLOP-matched dense config: the same model with every block dense."""
     model = dataclasses.replace(cfg.model, encoder_sparse_step=0, decoder_sparse_step=0, switch_attention=False)
     return dataclasses.replace(cfg, model=model, name=f"{cfg.name}-dense")
+
+
+def wide_dense_counterpart(cfg: RunConfig, factor: int) -> RunConfig:
+    """The dense model with ``factor`` x wider FFNs (``d_ff * factor``): the capacity ceiling of ``compare``."""
+    if not isinstance(factor, int) or factor < 2:
+        raise ValueError(f"wide_dense must be an integer >= 2 (the FFN width multiple), got {factor!r}")
+    dense = dense_counterpart(cfg)
+    model = dataclasses.replace(dense.model, d_ff=cfg.model.d_ff * factor)
+    return dataclasses.replace(dense, model=model, name=f"{cfg.name}-dense-x{factor}")
 
 
 def crossing(evals: list[dict], target: float, x: str = "step") -> float | None:
@@ -56,8 +71,9 @@ def median_tokens_per_s(run_dir: str | Path) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-def summarize(switch_dir: str | Path, dense_dir: str | Path) -> dict:
-    """The comparison numbers of two finished runs (see the module docstring)."""
+def summarize(switch_dir: str | Path, dense_dir: str | Path, wide_dir: str | Path | None = None) -> dict:
+    """The comparison numbers of two finished runs (see the module docstring), plus the wider dense model's when
+    ``wide_dir`` is given (``wide_dense_*`` keys: its final loss and steps to the dense model's final loss)."""
     sw, de = read_metrics(switch_dir, "eval"), read_metrics(dense_dir, "eval")
     if not sw or not de:
         raise ValueError(f"both runs need eval records: {switch_dir} has {len(sw)}, {dense_dir} has {len(de)}")
@@ -81,6 +97,19 @@ def summarize(switch_dir: str | Path, dense_dir: str | Path) -> dict:
         "switch_tokens_per_s": sw_tps,
         "dense_tokens_per_s": de_tps,
         "throughput_ratio": sw_tps / de_tps if de_tps else None,
+    } | (_wide_summary(wide_dir, target, de_steps) if wide_dir is not None else {})
+
+
+def _wide_summary(wide_dir: str | Path, target: float, dense_steps: float) -> dict:
+    wide = read_metrics(wide_dir, "eval")
+    if not wide:
+        raise ValueError(f"the wide dense run needs eval records: {wide_dir} has none")
+    steps = crossing(wide, target, "step")
+    return {
+        "wide_dense_run": str(wide_dir),
+        "wide_dense_final_val_loss": wide[-1]["val_loss"],
+        "wide_dense_steps_to_dense_loss": steps,
+        "wide_dense_step_ratio": steps / dense_steps if steps is not None else None,
     }
 
 
@@ -98,15 +127,28 @@ def format_summary(s: dict) -> str:
     sw_tps, de_tps = s["switch_tokens_per_s"], s["dense_tokens_per_s"]
     lines.append(f"throughput: Switch {sw_tps:.0f} tok/s, dense {de_tps:.0f} tok/s "
                  f"(ratio {s['throughput_ratio']:.2f})")
+    if "wide_dense_run" in s:
+        ratio = s["wide_dense_step_ratio"]
+        lines.append(f"ceiling: the wider dense model ({Path(s['wide_dense_run']).name}) ends at "
+                     f"{s['wide_dense_final_val_loss']:.4f}; " + (
+                         f"it reached the dense loss in {ratio:.2f}x the steps: extra FFN parameters help at this "
+                         "budget" if ratio is not None and ratio < 1.0 else
+                         "it was no faster to the dense loss: at this budget extra FFN parameters do not help, so a "
+                         "Switch layer (which adds only FFN parameters) cannot be expected to beat the dense model"))
     return "\n".join(lines)
 
 
-def compare(cfg: RunConfig, *, out_dir: str | Path | None = None, print_fn: Callable[[str], None] = print) -> dict:
+def compare(
+    cfg: RunConfig, *, out_dir: str | Path | None = None, wide_dense: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> dict:
     """Train ``cfg`` (Switch) and its dense counterpart, then write ``compare.json`` and plots into ``out_dir``.
 
     Args:
         cfg: the Switch run config (must have sparse layers).
-        out_dir: where both runs and the report go; default ``<cfg.out_dir>/<cfg.name>-compare`` (fresh).
+        out_dir: where the runs and the report go; default ``<cfg.out_dir>/<cfg.name>-compare`` (fresh).
+        wide_dense: if >= 2, also train the dense model with FFNs this many times wider (the capacity ceiling;
+            see the module docstring); 0 skips it.
         print_fn: progress output.
 
     Returns:
@@ -117,6 +159,7 @@ def compare(cfg: RunConfig, *, out_dir: str | Path | None = None, print_fn: Call
 
     if not cfg.model.is_sparse:
         raise ValueError("compare needs a Switch config (model.encoder_sparse_step or decoder_sparse_step > 0)")
+    wide_cfg = wide_dense_counterpart(cfg, wide_dense) if wide_dense else None  # validates before any training
     if out_dir is None:
         out_dir = Path(cfg.out_dir) / f"{cfg.name}-compare"
         i = 2
@@ -134,11 +177,19 @@ def compare(cfg: RunConfig, *, out_dir: str | Path | None = None, print_fn: Call
     train(cfg, run_dir=sw_dir, print_fn=print_fn)
     print_fn(f"== FLOP-matched dense model -> {de_dir}")
     train(dense_counterpart(cfg), run_dir=de_dir, print_fn=print_fn)
-    s = summarize(sw_dir, de_dir)
+    runs = [sw_dir, de_dir]
+    wide_dir = None
+    if wide_cfg is not None:
+        wide_dir = out_dir / wide_cfg.name
+        print_fn(f"== ceiling: dense model with {wide_dense}x wider FFNs (not FLOP-matched) -> {wide_dir}")
+        wide_cfg = dataclasses.replace(wide_cfg, train=cfg.train)
+        train(wide_cfg, run_dir=wide_dir, print_fn=print_fn)
+        runs.append(wide_dir)
+    s = summarize(sw_dir, de_dir, wide_dir)
     s["out_dir"] = str(out_dir)
     (out_dir / "compare.json").write_text(json.dumps(s, indent=2))
-    plot_losses([sw_dir, de_dir], out_dir / "compare_loss_by_step.png")
-    plot_losses([sw_dir, de_dir], out_dir / "compare_loss_by_time.png", x="train_seconds")
+    plot_losses(runs, out_dir / "compare_loss_by_step.png")
+    plot_losses(runs, out_dir / "compare_loss_by_time.png", x="train_seconds")
     plot_runs([sw_dir], out_dir / "plots")
     print_fn(format_summary(s))
     print_fn(f"report: {out_dir / 'compare.json'}")
