@@ -11,7 +11,7 @@ linearly interpolated between evaluation points.
 (every parameter active, K times the FFN FLOPs). It is a ceiling, not a baseline: a Switch layer adds FFN
 parameters at constant FLOPs, so where even the wider dense model does not reach the dense loss sooner, the budget
 is one in which extra FFN parameters do not help and no Switch configuration can be expected to beat the dense
-model by much (docs/training.md, "Is FFN capacity what this budget lacks?").
+model by much.
 """
 
 from __future__ import annotations
