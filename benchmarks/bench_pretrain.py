@@ -7,10 +7,15 @@ training wall time (mean over 3 seeds), with throughput >= 0.9x dense tokens/s.
     python benchmarks/bench_pretrain.py --quick         # tiny config, 1 seed, seconds: a smoke test of the script
     python benchmarks/bench_pretrain.py --config configs/decoder.toml train.steps=900
     python benchmarks/bench_pretrain.py --jobs 2        # each seed's Switch and dense side by side, 1 thread each
+    python benchmarks/bench_pretrain.py --jobs 2 --wide-dense 4   # + the 4x-wider dense ceiling per seed
 
 ``--jobs N`` trains N runs at once in separate processes (``switchformer train``, one intra-op thread each), so on
 a 2-core machine the Switch run and its dense baseline share the machine equally and their throughputs are measured
 under the same conditions; the default trains them one after the other with all threads.
+
+``--wide-dense K`` also trains, per seed, the dense model with K x wider FFNs (``switchformer compare --wide-dense``):
+the ceiling of what extra FFN parameters, which is what a Switch layer adds, can buy at this budget. Those runs are
+queued after all Switch/dense pairs, so the pairs' throughputs are still measured side by side.
 
 Writes ``benchmarks/results/pretrain_cpu_<date>.{md,json}`` and ``..._loss.png`` (or ``--results-dir``).
 """
@@ -31,7 +36,7 @@ import torch
 
 from switchformer.cli import build_config, find_recipe
 from switchformer.config import apply_overrides, to_toml
-from switchformer.train.compare import compare, dense_counterpart, summarize
+from switchformer.train.compare import compare, dense_counterpart, summarize, wide_dense_counterpart
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"step_ratio": ("<=", 0.75), "time_ratio": ("<=", 0.85), "throughput_ratio": (">=", 0.9)}
@@ -51,12 +56,13 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / "metrics.jsonl").is_file() and any(r.get("step") == steps for r in read_metrics(run_dir, "end"))
 
 
-def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict]:
+def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int, wide_dense: int = 0) -> list[dict]:
     """Train every seed's Switch and dense runs, ``jobs`` processes at a time, then summarise each seed.
 
-    Runs are queued Switch, dense, Switch, dense... so with ``jobs=2`` each pair trains side by side.
+    Runs are queued Switch, dense, Switch, dense... so with ``jobs=2`` each pair trains side by side; the wide dense
+    ceilings (``wide_dense``) come last.
     """
-    runs = []
+    runs, wide_runs = [], []
     for seed in seeds:
         cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
                                      f"out_dir={runs_dir}", "train.num_threads=1", "train.max_minutes=0",
@@ -64,6 +70,10 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict
         out = runs_dir / f"seed{seed}"
         runs.append((cfg, out / f"seed{seed}"))
         runs.append((dense_counterpart(cfg), out / f"seed{seed}-dense"))
+        if wide_dense:
+            wide = wide_dense_counterpart(cfg, wide_dense)
+            wide_runs.append((wide, out / wide.name))
+    runs += wide_runs
     runs_dir.mkdir(parents=True, exist_ok=True)
     from switchformer.train.loop import build_components
 
@@ -97,7 +107,9 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int) -> list[dict
         print(f"done  {run_dir}", flush=True)
     per_seed = []
     for seed in seeds:
-        s = summarize(runs_dir / f"seed{seed}" / f"seed{seed}", runs_dir / f"seed{seed}" / f"seed{seed}-dense")
+        out = runs_dir / f"seed{seed}"
+        wide = out / f"seed{seed}-dense-x{wide_dense}" if wide_dense else None
+        s = summarize(out / f"seed{seed}", out / f"seed{seed}-dense", wide)
         s["seed"] = seed
         per_seed.append(s)
     return per_seed
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None, help="where the runs go (default runs/bench_pretrain_<date>)")
     ap.add_argument("--results-dir", default=str(HERE / "results"), help="where the report goes")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (default 1)")
+    ap.add_argument("--wide-dense", type=int, default=0, metavar="K",
+                    help="also train the dense model with K x wider FFNs per seed (the capacity ceiling)")
     args = ap.parse_args(argv)
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M")
@@ -124,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"pretrain_cpu{'_quick' if args.quick else ''}_{stamp}"
 
     if args.jobs > 1:
-        per_seed = run_parallel(base, seeds, runs_dir, args.jobs)
+        per_seed = run_parallel(base, seeds, runs_dir, args.jobs, args.wide_dense)
     else:
         per_seed = []
         for seed in seeds:
             cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
                                          f"out_dir={runs_dir}"])
-            s = compare(cfg, out_dir=runs_dir / f"seed{seed}")
+            s = compare(cfg, out_dir=runs_dir / f"seed{seed}", wide_dense=args.wide_dense)
             s["seed"] = seed
             per_seed.append(s)
 
@@ -157,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from switchformer.plot import plot_losses
 
     dirs = [Path(s["switch_run"]) for s in per_seed] + [Path(s["dense_run"]) for s in per_seed]
+    dirs += [Path(s["wide_dense_run"]) for s in per_seed if "wide_dense_run" in s]
     plot_losses(dirs, out / f"{tag}_loss.png")
     plot_losses(dirs, out / f"{tag}_loss_by_time.png", x="train_seconds")
 
@@ -174,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{f(s['step_ratio'], '.2f')} | {f(s['time_ratio'], '.2f')} | "
                      f"{f(s['switch_tokens_per_s'], '.0f')} | "
                      f"{f(s['dense_tokens_per_s'], '.0f')} | {f(s['throughput_ratio'], '.2f')} |")
+    if args.wide_dense:
+        k = args.wide_dense
+        lines += ["", f"Ceiling: the dense model with {k}x wider FFNs (every parameter active, not FLOP-matched), "
+                  "trained on the same data; step ratio = its steps to the FLOP-matched dense model's final loss / "
+                  "dense steps.", "", f"| seed | dense final val loss | dense x{k} final val loss | dense x{k} step "
+                  "ratio | Switch step ratio |", "|---|---|---|---|---|"]
+        for s in per_seed:
+            lines.append(f"| {s['seed']} | {f(s['dense_final_val_loss'])} | {f(s['wide_dense_final_val_loss'])} | "
+                         f"{f(s['wide_dense_step_ratio'], '.2f')} | {f(s['step_ratio'], '.2f')} |")
     lines += ["", "Mean over seeds:", ""]
     for k, (op, b) in TARGETS.items():
         missing = [str(s["seed"]) for s in per_seed if s[k] is None]

@@ -39,13 +39,15 @@ def test_bench_pretrain_quick(tmp_path):
     spec.loader.exec_module(bench)
     res = tmp_path / "results"
     assert bench.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(res),
-                       "train.num_threads=1"]) == 0
+                       "--wide-dense", "2", "train.num_threads=1"]) == 0
     (report,) = res.glob("pretrain_cpu_quick_*.json")
     data = json.loads(report.read_text())
     assert data["seeds"] == [0] and len(data["per_seed"]) == 1
     s = data["per_seed"][0]
     assert s["dense_final_val_loss"] > 0 and s["dense_steps"] == 12
     assert set(data["targets_met"]) == {"step_ratio", "time_ratio", "throughput_ratio"}
+    assert Path(s["wide_dense_run"]).name == "seed0-dense-x2" and s["wide_dense_final_val_loss"] > 0
+    assert "Ceiling: the dense model with 2x wider FFNs" in next(res.glob("pretrain_cpu_quick_*.md")).read_text()
     assert list(res.glob("pretrain_cpu_quick_*.md")) and list(res.glob("pretrain_cpu_quick_*_loss.png"))
 
 
