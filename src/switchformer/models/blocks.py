@@ -667,10 +667,10 @@ def decode_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     twice as tall as it is wide (``[out, in]``), it computes ``(weight @ h.T).T``: MKL runs that tall-skinny product
     faster than ``F.linear`` with 8 rows and cold weights (measured on this machine, one thread: 32128 x 128
     vocabulary 5.8 -> 4.7 ms; 1536 x 512 fused QKV 1.11 -> 1.01 ms; 2048 x 512 FFN input 1.48 -> 1.30 ms), and
-    slower for wide weights (512 x 2048: 0.96 -> 1.07 ms). On the small config's whole decode step: 66.1 -> 61.2 ms;
-    for the tiny config's 384 x 128 and 512 x 128 weights the step time did not change beyond noise, so small
-    weights keep ``F.linear``. The values agree to float32 rounding (another summation order); the result is a
-    transposed view.
+    slower for wide weights (512 x 2048: 0.96 -> 1.07 ms). On the small config's whole decode step (15 interleaved
+    repetitions): median 74.3 -> 71.9 ms, fastest 63.5 -> 58.0 ms; for the tiny config's 384 x 128 and 512 x 128
+    weights the step time did not change beyond noise, so small weights keep ``F.linear``. The values agree to
+    float32 rounding (another summation order); the result is a transposed view.
     """
     rows = h.numel() // h.shape[-1]
     tall = weight.shape[0] >= 2 * weight.shape[1] and weight.numel() >= _SKINNY_MIN_WEIGHT
