@@ -7,14 +7,15 @@ training wall time (mean over 3 seeds), with throughput >= 0.9x dense tokens/s.
     python benchmarks/bench_pretrain.py --quick         # tiny config, 1 seed, seconds: a smoke test of the script
     python benchmarks/bench_pretrain.py --config configs/decoder.toml train.steps=900
     python benchmarks/bench_pretrain.py --jobs 2        # each seed's Switch and dense side by side, 1 thread each
-    python benchmarks/bench_pretrain.py --jobs 2 --wide-dense 4   # + the 4x-wider dense ceiling per seed
+    python benchmarks/bench_pretrain.py --jobs 2 --wide-dense 4   # + a 4x-wider dense reference per seed
 
 ``--jobs N`` trains N runs at once in separate processes (``switchformer train``, one intra-op thread each), so on
 a 2-core machine the Switch run and its dense baseline share the machine equally and their throughputs are measured
 under the same conditions; the default trains them one after the other with all threads.
 
 ``--wide-dense K`` also trains, per seed, the dense model with K x wider FFNs (``switchformer compare --wide-dense``):
-the ceiling of what extra FFN parameters, which is what a Switch layer adds, can buy at this budget. Those runs are
+how much extra FFN parameters, which is what a Switch layer adds, buy at this budget (a reference, not a strict
+bound: see ``switchformer.train.compare``). Those runs are
 queued after all Switch/dense pairs, so the pairs' throughputs are still measured side by side.
 
 Writes ``benchmarks/results/pretrain_cpu_<date>.{md,json}`` and ``..._loss.png`` (or ``--results-dir``).
@@ -60,7 +61,7 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int, wide_dense: 
     """Train every seed's Switch and dense runs, ``jobs`` processes at a time, then summarise each seed.
 
     Runs are queued Switch, dense, Switch, dense... so with ``jobs=2`` each pair trains side by side; the wide dense
-    ceilings (``wide_dense``) come last.
+    references (``wide_dense``) come last.
     """
     runs, wide_runs = [], []
     for seed in seeds:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", default=str(HERE / "results"), help="where the report goes")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (default 1)")
     ap.add_argument("--wide-dense", type=int, default=0, metavar="K",
-                    help="also train the dense model with K x wider FFNs per seed (the capacity ceiling)")
+                    help="also train the dense model with K x wider FFNs per seed (a capacity reference)")
     args = ap.parse_args(argv)
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M")
@@ -190,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{f(s['switch_tokens_per_s'], '.0f')} | "
                      f"{f(s['dense_tokens_per_s'], '.0f')} | {f(s['throughput_ratio'], '.2f')} |")
     if args.wide_dense:
-        k = args.wide_dense
-        lines += ["", f"Ceiling: the dense model with {k}x wider FFNs (every parameter active, not FLOP-matched), "
-                  "trained on the same data; step ratio = its steps to the FLOP-matched dense model's final loss / "
-                  "dense steps.", "", f"| seed | dense final val loss | dense x{k} final val loss | dense x{k} step "
-                  "ratio | Switch step ratio |", "|---|---|---|---|---|"]
+        kx = args.wide_dense
+        lines += ["", f"Capacity reference: the dense model with {kx}x wider FFNs (every parameter active, not "
+                  "FLOP-matched), trained on the same data; step ratio = its steps to the FLOP-matched dense "
+                  "model's final loss / dense steps.", "",
+                  f"| seed | dense final val loss | dense x{kx} final val loss | dense x{kx} step ratio | "
+                  "Switch step ratio |", "|---|---|---|---|---|"]
         for s in per_seed:
             lines.append(f"| {s['seed']} | {f(s['dense_final_val_loss'])} | {f(s['wide_dense_final_val_loss'])} | "
                          f"{f(s['wide_dense_step_ratio'], '.2f')} | {f(s['step_ratio'], '.2f')} |")

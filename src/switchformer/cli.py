@@ -194,8 +194,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-only", action="store_true", help="decoder-only LM (configs/decoder.toml)")
     p.add_argument("--out", help="output folder (default runs/<name>-compare)")
     p.add_argument("--wide-dense", type=int, default=0, metavar="K",
-                   help="also train a dense model with K x wider FFNs (K >= 2; not FLOP-matched): the ceiling of "
-                        "what extra FFN parameters can buy at this budget")
+                   help="also train a dense model with K x wider FFNs (K >= 2; not FLOP-matched): how much extra "
+                        "FFN parameters buy at this budget")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="validation loss / neg log perplexity of a run's newest checkpoint")
