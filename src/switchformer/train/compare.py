@@ -183,7 +183,7 @@ def compare(
     if wide_cfg is not None:
         wide_dir = out_dir / wide_cfg.name
         print_fn(f"== capacity reference: dense model with {wide_dense}x wider FFNs (not FLOP-matched) -> {wide_dir}")
-        wide_cfg = dataclasses.replace(wide_cfg, train=cfg.train)
+        wide_cfg = dataclasses.replace(wide_cfg, train=cfg.train)  # the same budget (max_minutes cleared above)
         train(wide_cfg, run_dir=wide_dir, print_fn=print_fn)
         runs.append(wide_dir)
     s = summarize(sw_dir, de_dir, wide_dir)
