@@ -15,8 +15,8 @@ under the same conditions; the default trains them one after the other with all 
 
 ``--wide-dense K`` also trains, per seed, the dense model with K x wider FFNs (``switchformer compare --wide-dense``):
 how much extra FFN parameters, which is what a Switch layer adds, buy at this budget (a reference, not a strict
-bound: see ``switchformer.train.compare``). Those runs are
-queued after all Switch/dense pairs, so the pairs' throughputs are still measured side by side.
+bound: see ``switchformer.train.compare``). Those runs are queued after all Switch/dense pairs, so the pairs'
+throughputs are still measured side by side.
 
 Writes ``benchmarks/results/pretrain_cpu_<date>.{md,json}`` and ``..._loss.png`` (or ``--results-dir``).
 """
@@ -63,17 +63,18 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int, wide_dense: 
     Runs are queued Switch, dense, Switch, dense... so with ``jobs=2`` each pair trains side by side; the wide dense
     references (``wide_dense``) come last.
     """
-    runs, wide_runs = [], []
+    runs, wide_runs, seed_dirs = [], [], {}
     for seed in seeds:
         cfg = apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
                                      f"out_dir={runs_dir}", "train.num_threads=1", "train.max_minutes=0",
                                      "train.progress=false"])
         out = runs_dir / f"seed{seed}"
-        runs.append((cfg, out / f"seed{seed}"))
-        runs.append((dense_counterpart(cfg), out / f"seed{seed}-dense"))
-        if wide_dense:
-            wide = wide_dense_counterpart(cfg, wide_dense)
-            wide_runs.append((wide, out / wide.name))
+        dense = dense_counterpart(cfg)
+        wide = wide_dense_counterpart(cfg, wide_dense) if wide_dense else None
+        seed_dirs[seed] = (out / cfg.name, out / dense.name, out / wide.name if wide else None)
+        runs += [(cfg, seed_dirs[seed][0]), (dense, seed_dirs[seed][1])]
+        if wide:
+            wide_runs.append((wide, seed_dirs[seed][2]))
     runs += wide_runs
     runs_dir.mkdir(parents=True, exist_ok=True)
     from switchformer.train.loop import build_components
@@ -108,9 +109,7 @@ def run_parallel(base, seeds: list[int], runs_dir: Path, jobs: int, wide_dense: 
         print(f"done  {run_dir}", flush=True)
     per_seed = []
     for seed in seeds:
-        out = runs_dir / f"seed{seed}"
-        wide = out / f"seed{seed}-dense-x{wide_dense}" if wide_dense else None
-        s = summarize(out / f"seed{seed}", out / f"seed{seed}-dense", wide)
+        s = summarize(*seed_dirs[seed])
         s["seed"] = seed
         per_seed.append(s)
     return per_seed

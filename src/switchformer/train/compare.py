@@ -160,7 +160,6 @@ def compare(
 
     if not cfg.model.is_sparse:
         raise ValueError("compare needs a Switch config (model.encoder_sparse_step or decoder_sparse_step > 0)")
-    wide_cfg = wide_dense_counterpart(cfg, wide_dense) if wide_dense else None  # validates before any training
     if out_dir is None:
         out_dir = Path(cfg.out_dir) / f"{cfg.name}-compare"
         i = 2
@@ -172,6 +171,7 @@ def compare(
         tc = cfg.train
         print_fn(f"compare: ignoring train.max_minutes={tc.max_minutes}; both models train {tc.steps} steps")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=0.0))
+    wide_cfg = wide_dense_counterpart(cfg, wide_dense) if wide_dense else None  # validates before any training
     out_dir = Path(out_dir)
     sw_dir, de_dir = out_dir / cfg.name, out_dir / f"{cfg.name}-dense"
     print_fn(f"== Switch model -> {sw_dir}")
@@ -183,7 +183,6 @@ def compare(
     if wide_cfg is not None:
         wide_dir = out_dir / wide_cfg.name
         print_fn(f"== capacity reference: dense model with {wide_dense}x wider FFNs (not FLOP-matched) -> {wide_dir}")
-        wide_cfg = dataclasses.replace(wide_cfg, train=cfg.train)  # the same budget (max_minutes cleared above)
         train(wide_cfg, run_dir=wide_dir, print_fn=print_fn)
         runs.append(wide_dir)
     s = summarize(sw_dir, de_dir, wide_dir)
