@@ -69,6 +69,14 @@ class RouterResult:
         )
 
 
+def add_routers(routers: list[RouterResult], prefix: str, results: list[RouterResult]) -> None:
+    """Append ``results`` (Switch-attention projections ``q``/``k``/``v``) to ``routers``, each renamed
+    ``{prefix}.{name}`` so the name says where in the model it routed."""
+    for r in results:
+        r.name = f"{prefix}.{r.name}"
+        routers.append(r)
+
+
 def is_sparse_block(index: int, sparse_step: int) -> bool:
     """transformers' convention (anchors.md §4): block i is sparse iff step > 0 and (step == 1 or i % step == 1).
 

@@ -22,6 +22,7 @@ from switchformer.models.blocks import (
     ModelOutput,
     RouterResult,
     Stack,
+    add_routers,
     check_ids,
     check_mask,
     drop_full_mask,
@@ -105,9 +106,7 @@ class SwitchDecoderLM(nn.Module):
         for i, block in enumerate(self.decoder.block):
             x, attn_routers = block.layer[0](x, bias, padding_mask=pad)
             x, aux = block.layer[1](x, padding_mask=pad)
-            for r in attn_routers:
-                r.name = f"decoder.block.{i}.layer.0.SelfAttention.{r.name}"
-                routers.append(r)
+            add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", attn_routers)
             if aux is not None:
                 routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
         logits = self.output_logits(self.decoder.dropout(self.decoder.final_layer_norm(x)))
@@ -181,9 +180,7 @@ class SwitchDecoderLM(nn.Module):
             )
             x, aux = block.layer[1](x, padding_mask=padding_mask, decode=not collect_router)
             if collect_router:
-                for r in attn_routers:
-                    r.name = f"decoder.block.{i}.layer.0.SelfAttention.{r.name}"
-                    routers.append(r)
+                add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", attn_routers)
                 if aux is not None:
                     routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
         cache.pos = pos + t

@@ -25,6 +25,7 @@ from switchformer.models.blocks import (
     ModelOutput,
     RouterResult,
     Stack,
+    add_routers,
     check_ids,
     check_mask,
     drop_full_mask,
@@ -110,9 +111,7 @@ class SwitchTransformer(nn.Module):
             x, attn_routers = block.layer[0](x, bias, padding_mask=pad)
             x, aux = block.layer[1](x, padding_mask=pad)
             if collect_router:
-                for r in attn_routers:
-                    r.name = f"encoder.block.{i}.layer.0.SelfAttention.{r.name}"
-                    routers.append(r)
+                add_routers(routers, f"encoder.block.{i}.layer.0.SelfAttention", attn_routers)
                 if aux is not None:
                     routers.append(RouterResult.from_aux(f"encoder.block.{i}", aux))
         return self.encoder.dropout(self.encoder.final_layer_norm(x)), routers
@@ -160,12 +159,8 @@ class SwitchTransformer(nn.Module):
                 x, cross_mask, key_value_states=encoder_hidden, padding_mask=route_pad, kv_padding_mask=enc_pad
             )
             x, aux = block.layer[2](x, padding_mask=route_pad)
-            for r in self_routers:
-                r.name = f"decoder.block.{i}.layer.0.SelfAttention.{r.name}"
-                routers.append(r)
-            for r in cross_routers:
-                r.name = f"decoder.block.{i}.layer.1.EncDecAttention.{r.name}"
-                routers.append(r)
+            add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", self_routers)
+            add_routers(routers, f"decoder.block.{i}.layer.1.EncDecAttention", cross_routers)
             if aux is not None:
                 routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
         return self.decoder.dropout(self.decoder.final_layer_norm(x)), routers
@@ -248,9 +243,7 @@ class SwitchTransformer(nn.Module):
             kv_i, rs = block.layer[1].EncDecAttention.project_kv(encoder_hidden, enc_pad)
             cross_kv.append(kv_i)
             if collect_router:
-                for r in rs:
-                    r.name = f"decoder.block.{i}.layer.1.EncDecAttention.{r.name}"
-                    routers.append(r)
+                add_routers(routers, f"decoder.block.{i}.layer.1.EncDecAttention", rs)
         cross_mask = None
         enc_pad = drop_full_mask(enc_pad)  # an all-zero additive mask would only cost time
         if enc_pad is not None:
@@ -304,12 +297,8 @@ class SwitchTransformer(nn.Module):
             )
             x, aux = block.layer[2](x, padding_mask=padding_mask, decode=not collect_router)
             if collect_router:
-                for r in self_routers:
-                    r.name = f"decoder.block.{i}.layer.0.SelfAttention.{r.name}"
-                    routers.append(r)
-                for r in cross_routers:
-                    r.name = f"decoder.block.{i}.layer.1.EncDecAttention.{r.name}"
-                    routers.append(r)
+                add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", self_routers)
+                add_routers(routers, f"decoder.block.{i}.layer.1.EncDecAttention", cross_routers)
                 if aux is not None:
                     routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
         cache.pos = pos + t
