@@ -159,7 +159,10 @@ def compare(
     from switchformer.train.loop import train
 
     if not cfg.model.is_sparse:
-        raise ValueError("compare needs a Switch config (model.encoder_sparse_step or decoder_sparse_step > 0)")
+        raise ValueError(
+            "compare needs a Switch config (model.encoder_sparse_step or decoder_sparse_step > 0, or "
+            "model.switch_attention)"
+        )
     if out_dir is None:
         out_dir = Path(cfg.out_dir) / f"{cfg.name}-compare"
         i = 2
