@@ -13,6 +13,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+IGNORE_INDEX = -100
+"""Label value of positions that carry no target (PyTorch's ``cross_entropy`` default, T5X and transformers)."""
+
+VOCAB_MULTIPLE = 128
+"""Embedding rows are the tokenizer's vocabulary rounded up to a multiple of this (T5's 32100 -> 32128)."""
+
+
+def round_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (the embedding size for a tokenizer of ``n`` pieces)."""
+    return -(-n // multiple) * multiple
+
+
+def is_sparse_block(index: int, sparse_step: int) -> bool:
+    """Whether block ``index`` of a stack is a Switch block: step > 0 and (step == 1 or index % step == 1).
+
+    transformers' SwitchTransformers convention: with step 2 the sparse blocks are 1, 3, 5, ... (paper §5.3, every
+    other FFN is a Switch layer); step 1 makes every block sparse; step 0 is the dense T5 baseline.
+    """
+    if sparse_step < 0:
+        raise ValueError(f"sparse step must be >= 0 (0 = dense), got {sparse_step}")
+    return sparse_step > 0 and (sparse_step == 1 or index % sparse_step == 1)
+
+
 ExplorationPolicy = Literal["input_jitter", "argmax", "sample", "input_dropout"]
 ActivationName = Literal["relu", "gated-gelu"]
 
