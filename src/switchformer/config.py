@@ -28,8 +28,9 @@ def round_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 def is_sparse_block(index: int, sparse_step: int) -> bool:
     """Whether block ``index`` of a stack is a Switch block: step > 0 and (step == 1 or index % step == 1).
 
-    transformers' SwitchTransformers convention: with step 2 the sparse blocks are 1, 3, 5, ... (paper §5.3, every
-    other FFN is a Switch layer); step 1 makes every block sparse; step 0 is the dense T5 baseline.
+    transformers' SwitchTransformers convention: with step 2 the sparse blocks are 1, 3, 5, ... (every other FFN is a
+    Switch layer: paper Table 1 caption, Table 9 'Expert Freq. 1/2'); step 1 makes every block sparse (Switch-C);
+    step 0 is the dense T5 baseline.
     """
     if sparse_step < 0:
         raise ValueError(f"sparse step must be >= 0 (0 = dense), got {sparse_step}")
