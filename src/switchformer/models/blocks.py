@@ -25,7 +25,7 @@ from torch import nn
 
 from switchformer.config import ModelConfig
 from switchformer.moe.experts import truncated_normal_
-from switchformer.moe.router import Router, load_balancing_loss, router_z_loss
+from switchformer.moe.router import Router, load_balancing_loss, router_z_loss, top_k_lowest_index
 
 
 @dataclass
@@ -525,7 +525,9 @@ def switch_ffn_decode(
     router, experts = mlp.router, mlp.experts
     x_TM = x.reshape(-1, x.shape[-1])
     logits = F.linear(x_TM.to(router.router_dtype), router.weight.to(router.router_dtype))
-    gate_T, index_T = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    # The router's own arithmetic (softmax in router_dtype, then float32), so ties and gates match the layer.
+    gate_T1, index_T1 = top_k_lowest_index(torch.softmax(logits, dim=-1), 1)
+    gate_T, index_T = gate_T1.float().squeeze(-1), index_T1.squeeze(-1)
     gated = experts.w_gate is not None
     method = method or ("loop" if x.device.type == "cpu" else "gather")
     if method == "gather":

@@ -21,7 +21,7 @@ from torch import nn
 from switchformer.config import MoEConfig
 from switchformer.moe.dispatch import Dispatcher, LocalDispatcher, expert_capacity, plan_routing
 from switchformer.moe.experts import Experts, truncated_normal_
-from switchformer.moe.router import Router, load_balancing_loss, router_z_loss
+from switchformer.moe.router import Router, load_balancing_loss, router_z_loss, top_k_lowest_index
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,7 +217,7 @@ class SwitchFFN(nn.Module):
             priority_T[by_group] = torch.arange(by_group.numel(), device=x.device)
         fallback_index = fallback_gates = None
         if self.no_token_left_behind and capacity is not None:
-            ranked_gates, ranked = routed.probs_TE.topk(self.ntlb_top_k, dim=-1)
+            ranked_gates, ranked = top_k_lowest_index(routed.probs_TE, self.ntlb_top_k)
             fallback_index, fallback_gates = ranked[:, 1:], ranked_gates[:, 1:]
         plan = plan_routing(
             routed.expert_index_TK, routed.gates_TK, routed.use_TK, num_experts=self.num_experts, group_T=group_T,

@@ -18,6 +18,24 @@ from torch import nn
 EXPLORATION_POLICIES = ("input_jitter", "argmax", "sample", "input_dropout")
 
 
+def top_k_lowest_index(values_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values along the last dim and their indices, exact ties going to the lowest index.
+
+    ``torch.topk`` on CPU does not prefer the lowest index among equal values; transformers' router (``argmax``)
+    and jax's ``top_k`` (Mesh TensorFlow, flaxformer) do, and a bfloat16 router produces exact ties often enough
+    to route tokens differently. ``argmax`` documents the first maximum; for ``k >= 2`` a stable descending sort
+    keeps equal values in index order.
+
+    Returns:
+        ``(values [..., k], indices [..., k])``, indices int64, in descending value order.
+    """
+    if k == 1:
+        index = values_TE.argmax(dim=-1, keepdim=True)
+        return values_TE.gather(-1, index), index
+    values, index = torch.sort(values_TE, dim=-1, descending=True, stable=True)
+    return values[..., :k], index[..., :k]
+
+
 @dataclass
 class RouterOutput:
     """What the router decided for each token, before capacity is applied.
@@ -103,10 +121,11 @@ class Router(nn.Module):
                 expert_index_TK = first_T1
             else:
                 rest_TE = probs_TE.float().scatter(-1, first_T1, -1.0)
-                expert_index_TK = torch.cat([first_T1, rest_TE.topk(self.top_k - 1, dim=-1).indices], dim=-1)
+                rest_TK = top_k_lowest_index(rest_TE, self.top_k - 1)[1]
+                expert_index_TK = torch.cat([first_T1, rest_TK], dim=-1)
             top_probs_TK = probs_TE.gather(-1, expert_index_TK)
         else:
-            top_probs_TK, expert_index_TK = probs_TE.topk(self.top_k, dim=-1)
+            top_probs_TK, expert_index_TK = top_k_lowest_index(probs_TE, self.top_k)
 
         logits_TE, probs_TE, top_probs_TK = logits_TE.float(), probs_TE.float(), top_probs_TK.float()
         if self.top_k == 1:
