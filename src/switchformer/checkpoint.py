@@ -36,15 +36,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from switchformer.errors import CheckpointError
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.toml"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or corrupted; the message names the file."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from switchformer.config import ModelConfig, MoEConfig
+from switchformer.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -80,10 +81,6 @@ _BLOCK_FFN_RE = re.compile(r"^(?P<stack>encoder|decoder)\.block\.(?P<i>\d+)\.lay
 def canonical_key(key: str) -> str:
     """transformers' T5 names the dense FFN ``DenseReluDense``; SwitchTransformers and switchformer use ``mlp``."""
     return _T5_FFN_RE.sub(r".layer.\1.mlp.", key)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: lists missing, unexpected and mis-shaped keys."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
