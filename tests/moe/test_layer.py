@@ -37,7 +37,8 @@ def oracle_forward(layer: SwitchFFN, x: torch.Tensor, padding_mask=None):
     G = T // S
     priority = None
     if layer.batch_prioritized_routing:
-        priority = torch.argsort(torch.argsort(-routed.gates_TK[:, 0].view(G, S), dim=1, stable=True), dim=1)
+        first_prob = routed.probs_TE.gather(-1, routed.expert_index_TK[:, :1]).view(G, S)  # raw, not renormalised
+        priority = torch.argsort(torch.argsort(-first_prob, dim=1, stable=True), dim=1)
     y, kept = einsum_switch_reference(
         x_TM.view(G, S, -1), routed.expert_index_TK.view(G, S, -1), routed.gates_TK.view(G, S, -1),
         routed.use_TK.view(G, S, -1), capacity, layer.experts.w_in, layer.experts.w_out, layer.experts.w_gate,
@@ -310,6 +311,22 @@ def test_batch_prioritized_routing_keeps_confident_tokens():
     assert kept.sum().item() == 5
     assert gate[kept].min() >= gate[~kept].max()
     y_ref, _, _ = oracle_forward(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_top2_batch_prioritized_routing_ranks_by_raw_top1_probability():
+    """flaxformer's BPR ranks tokens by the router probability of their first choice, not by top-2's renormalised
+    gate p1 / (p1 + p2). Token A: p = (.45, .44, .06, .05), gate .506; token B: p = (.40, .05, .30, .25), gate .571.
+    Raw, A outranks B for expert 0's single slot; renormalised (and in token order) B would win."""
+    layer = SwitchFFN(4, 8, 4, top_k=2, expert_capacity=1, exploration="argmax",
+                      batch_prioritized_routing=True).eval()
+    layer.router.weight.data.copy_(torch.eye(4))  # the router's logits are the input itself
+    probs_b, probs_a = torch.tensor([0.40, 0.05, 0.30, 0.25]), torch.tensor([0.45, 0.44, 0.06, 0.05])
+    x = torch.stack([probs_b.log(), probs_a.log()])[None]  # [1, 2, 4]: one sequence, B first
+    with torch.no_grad():
+        y, aux = layer(x)
+    assert aux.expert_index.tolist() == [[-1, 2], [0, 1]]  # B lost expert 0 to A; each keeps its 2nd choice
+    y_ref, kept, _ = oracle_forward(layer, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
 
 

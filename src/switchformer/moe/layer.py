@@ -210,8 +210,10 @@ class SwitchFFN(nn.Module):
             )
         priority_T = None
         if self.batch_prioritized_routing:
-            # BPR: within each group, rank tokens by descending top-1 gate (two stable sorts, no loop).
-            by_gate = torch.argsort(routed.gates_TK[:, 0], descending=True, stable=True)
+            # BPR (flaxformer): within each group, rank tokens by the descending router probability of their first
+            # choice (raw, not top-k's renormalised gate); two stable sorts, no loop.
+            first_prob_T = routed.probs_TE.gather(-1, routed.expert_index_TK[:, :1]).squeeze(-1)
+            by_gate = torch.argsort(first_prob_T, descending=True, stable=True)
             by_group = by_gate[torch.argsort(group_T[by_gate], stable=True)]
             priority_T = torch.empty_like(by_group)
             priority_T[by_group] = torch.arange(by_group.numel(), device=x.device)
