@@ -4,14 +4,26 @@ Dataclasses with a one-line docstring-comment per field. Recipes are TOML files 
 line applies dotted overrides (``model.moe.num_experts=16``) that are validated against these dataclasses, so an
 unknown key or a wrong type is an error that lists the valid keys.
 
-This module imports only the standard library.
+Every config is checked when it is made (``__post_init__``: types, then ranges), and again after overrides, so a
+bad value (``train.log_every=0``, ``model.num_heads=0``) fails at load with a ``ConfigError`` naming the key and a
+valid value, not deep inside training. ``from_dict`` is the one dict -> dataclass builder.
+
+This module imports only the standard library (and ``tomli`` on Python 3.10, which has no ``tomllib``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from switchformer.errors import ConfigError
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value has the wrong type (a ``ConfigError`` that is also the ``TypeError`` Python callers expect)."""
 
 IGNORE_INDEX = -100
 """Label value of positions that carry no target (PyTorch's ``cross_entropy`` default, T5X and transformers)."""
@@ -133,8 +145,23 @@ class ModelConfig:
     """The Switch layer settings shared by every sparse block."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):  # from JSON / TOML
-            self.moe = MoEConfig(**self.moe)
+        _check_types(self, "model")  # also builds ``moe`` from a dict (JSON / TOML)
+        for name in ("vocab_size", "d_model", "d_ff", "d_kv", "num_heads", "num_layers"):
+            _check_range(self, "model", name, ge=1)
+        _check_range(self, "model", "num_decoder_layers", ge=1 if self.arch == "encoder_decoder" else 0)
+        _check_range(self, "model", "encoder_sparse_step", ge=0, hint="0 means every block is dense")
+        _check_range(self, "model", "decoder_sparse_step", ge=0, hint="0 means every block is dense")
+        # T5's bucketing needs an exact range of >= 1 (bidirectional) and a log range above the exact one
+        _check_range(self, "model", "relative_attention_num_buckets", ge=4)
+        _check_range(self, "model", "relative_attention_max_distance", gt=self.relative_attention_num_buckets // 2,
+                     hint="more than half of model.relative_attention_num_buckets")
+        _check_range(self, "model", "dropout_rate", ge=0.0, lt=1.0)
+        _check_range(self, "model", "layer_norm_epsilon", ge=0.0)
+        _check_range(self, "model", "init_scale", gt=0.0)
+        _check_range(self, "model", "aux_loss_coef", ge=0.0)
+        _check_range(self, "model", "z_loss_coef", ge=0.0)
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            _check_range(self, "model", name, ge=0, lt=self.vocab_size, hint="a token id below model.vocab_size")
 
     @property
     def is_sparse(self) -> bool:
@@ -147,28 +174,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        return from_dict(cls, data)
-
-
-def from_dict(cls, data: dict):
-    """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys with the list of valid ones."""
-    valid = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(valid)}")
-    kwargs = {}
-    for name, value in data.items():
-        f = valid[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = from_dict(type(default), value)
-        kwargs[name] = value
-    return cls(**kwargs)
+        """A validated ModelConfig from a (nested) dict, e.g. a saved model's JSON (see ``from_dict``)."""
+        return from_dict(cls, data, "model")
 
 
 @dataclass
 class DataConfig:
-    """Where text comes from, how it is tokenized, and the pretraining objective (paper.md §3)."""
+    """Where text comes from, how it is tokenized, and the pretraining objective (paper §3)."""
 
     corpus: str = "stdlib"
     """'stdlib' (the running Python's standard-library sources), or comma-separated paths/globs of .txt/.py/.md,
@@ -196,10 +208,25 @@ class DataConfig:
     seed: int = 0
     """Seed of the data order and of the corruption noise."""
 
+    def __post_init__(self) -> None:
+        _check_types(self, "data")
+        _check_nonempty(self, "data", "corpus")
+        _check_nonempty(self, "data", "text_field")
+        _check_range(self, "data", "val_fraction", ge=0.0, lt=1.0, hint="training needs a validation split > 0")
+        _check_range(self, "data", "max_bytes", ge=1, hint="or none for the whole corpus")
+        if self.tokenizer is not None:
+            _check_nonempty(self, "data", "tokenizer")
+        _check_range(self, "data", "vocab_size", ge=1)
+        _check_range(self, "data", "num_sentinels", ge=0)
+        _check_range(self, "data", "input_length", ge=2)
+        _check_range(self, "data", "noise_density", gt=0.0, lt=1.0)
+        _check_range(self, "data", "mean_noise_span_length", ge=1.0)
+        _check_range(self, "data", "seed", ge=0)
+
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (paper.md §3: Adafactor with decay_rate 0.8, rsqrt schedule)."""
+    """Optimizer and learning-rate schedule (paper §3: Adafactor with decay_rate 0.8, rsqrt schedule)."""
 
     name: Literal["adafactor", "adamw"] = "adafactor"
     """'adafactor' (torch.optim.Adafactor, the T5X/paper setup) or 'adamw'."""
@@ -229,6 +256,19 @@ class OptimConfig:
     """Decoupled weight decay (both optimizers)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "optim")
+        _check_range(self, "optim", "lr", gt=0.0)
+        _check_range(self, "optim", "warmup_steps", ge=0)
+        _check_range(self, "optim", "min_lr_ratio", ge=0.0, le=1.0)
+        _check_range(self, "optim", "beta2_decay", le=0.0, hint="beta2_t = 1 - t**beta2_decay")
+        _check_range(self, "optim", "adafactor_eps", ge=0.0)
+        _check_range(self, "optim", "beta1", ge=0.0, lt=1.0)
+        _check_range(self, "optim", "beta2", ge=0.0, lt=1.0)
+        _check_range(self, "optim", "eps", ge=0.0)
+        _check_range(self, "optim", "weight_decay", ge=0.0)
+        _check_range(self, "optim", "grad_clip", ge=0.0, hint="0 disables clipping")
 
 
 @dataclass
@@ -270,6 +310,17 @@ class TrainConfig:
     plots: bool = True
     """Write PNG plots into the run directory at the end."""
 
+    def __post_init__(self) -> None:
+        _check_types(self, "train")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
+            _check_range(self, "train", name, ge=1)
+        _check_range(self, "train", "checkpoint_every", ge=0, hint="0 saves only at the end")
+        _check_range(self, "train", "keep_checkpoints", ge=1)
+        _check_range(self, "train", "seed", ge=0)
+        _check_range(self, "train", "num_threads", ge=0, hint="0 keeps torch's default")
+        _check_range(self, "train", "max_minutes", ge=0.0, hint="0 means no time limit")
+        _check_nonempty(self, "train", "device")
+
 
 @dataclass
 class RunConfig:
@@ -288,6 +339,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
 
+    def __post_init__(self) -> None:
+        _check_types(self, "")
+        _check_nonempty(self, "", "name")
+        if "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name = {self.name!r}: the run name is one folder name (no '/'); put the parent "
+                              "folder in out_dir")
+        _check_nonempty(self, "", "out_dir")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -297,10 +356,52 @@ class RunConfig:
 # TOML has no null, so None is written and read as the string "none" (only for fields that accept None).
 
 
+@functools.cache
 def _field_types(cls) -> dict:
     import typing
 
     return typing.get_type_hints(cls)
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _default(obj, name: str):
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else None
+
+
+def _check_types(obj, prefix: str) -> None:
+    """Check (and losslessly coerce: int -> float, a dict -> its dataclass) every field of ``obj`` in place."""
+    types_ = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, _coerce(getattr(obj, f.name), types_[f.name], _key(prefix, f.name)))
+
+
+def _check_range(obj, prefix: str, name: str, *, ge=None, gt=None, le=None, lt=None, hint: str = "") -> None:
+    """Raise ConfigError naming ``prefix.name``, the allowed range and a valid value unless the field (a number;
+    None is left to the type check) lies in the range; floats must also be finite."""
+    value = getattr(obj, name)
+    if value is None:
+        return
+    bounds = [(ge, ">=", value >= ge if ge is not None else True), (gt, ">", value > gt if gt is not None else True),
+              (le, "<=", value <= le if le is not None else True), (lt, "<", value < lt if lt is not None else True)]
+    ok = all(b[2] for b in bounds) and not (isinstance(value, float) and not math.isfinite(value))
+    if ok:
+        return
+    key = _key(prefix, name)
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    rule = " and ".join(f"{op} {bound}" for bound, op, _ in bounds if bound is not None)
+    default = _default(obj, name)
+    example = f"; e.g. {key}={'none' if default is None else repr(default)}"
+    raise ConfigError(f"{key} = {value!r} is out of range: it must be {kind} {rule}"
+                      f"{f' ({hint})' if hint else ''}{example}")
+
+
+def _check_nonempty(obj, prefix: str, name: str) -> None:
+    if not getattr(obj, name).strip():
+        raise ConfigError(f"{_key(prefix, name)} is empty; give it a value (default {_default(obj, name)!r})")
 
 
 def _type_name(tp) -> str:
@@ -323,7 +424,7 @@ def _coerce(value, tp, path: str):
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise TypeError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+        raise ConfigTypeError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
@@ -333,44 +434,55 @@ def _coerce(value, tp, path: str):
                 return _coerce(value, a, path)
             except TypeError:
                 continue
-        raise TypeError(f"{path}: {value!r} does not have type {_type_name(tp)}")
+        raise ConfigTypeError(f"{path}: {value!r} does not have type {_type_name(tp)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise TypeError(f"{path}: expected a bool (true/false), got {value!r}")
+        raise ConfigTypeError(f"{path}: expected a bool (true/false), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise TypeError(f"{path}: expected an int, got {value!r}")
+        raise ConfigTypeError(f"{path}: expected an int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise TypeError(f"{path}: expected a float, got {value!r}")
+        raise ConfigTypeError(f"{path}: expected a float, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise TypeError(f"{path}: expected a string, got {value!r}")
+        raise ConfigTypeError(f"{path}: expected a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
-            return _build(tp, value, path)
-        raise TypeError(f"{path}: expected a table of {tp.__name__} keys, got {value!r}")
+            return from_dict(tp, value, path)
+        raise ConfigTypeError(f"{path}: expected a table of {tp.__name__} keys, got {value!r}")
     return value
 
 
-def _build(cls, data: dict, path: str = ""):
-    """Build dataclass ``cls`` from a nested dict with type checks; unknown keys list the valid ones."""
+def from_dict(cls, data: dict, path: str = ""):
+    """Build config dataclass ``cls`` from a nested dict (parsed TOML or JSON): the one builder.
+
+    Every value is type-checked (nested dicts become their dataclasses) and the result is range-checked by the
+    class's ``__post_init__``; missing keys keep their defaults. ``path`` is the dotted prefix used in messages.
+
+    Raises:
+        ConfigError: unknown key (the message lists the valid ones) or a value out of range.
+        ConfigTypeError: a value of the wrong type (also a TypeError).
+    """
+    if not isinstance(data, dict):
+        raise ConfigTypeError(f"{path or cls.__name__}: expected a table of {cls.__name__} keys, got {data!r}")
     types_ = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = path or cls.__name__
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid_keys(cls, path)}")
-    kwargs = {k: _coerce(v, types_[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {valid_keys(cls, path)}")
+    kwargs = {k: _coerce(v, types_[k], _key(path, k)) for k, v in data.items()}
     return cls(**kwargs)
+
 
 
 def valid_keys(cls, prefix: str = "") -> list[str]:
@@ -387,38 +499,58 @@ def valid_keys(cls, prefix: str = "") -> list[str]:
 
 
 def validate(cfg):
-    """Re-check every field of a (nested) config dataclass against its annotation; returns ``cfg``."""
-    return _build(type(cfg), _shallow_dict(cfg))
-
-
-def _shallow_dict(cfg) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    """A copy of a (nested) config dataclass rebuilt through every ``__post_init__``: types and ranges re-checked
+    after fields were set directly (as ``apply_overrides`` does)."""
+    kwargs = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kwargs[f.name] = validate(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+    return type(cfg)(**kwargs)
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
     """Build a validated RunConfig from a nested dict (e.g. parsed TOML)."""
-    return _build(RunConfig, data)
+    return from_dict(RunConfig, data)
+
+
+def _tomllib():
+    """The TOML parser: the standard library's ``tomllib`` (Python >= 3.11), else the ``tomli`` backport."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError("reading TOML on Python 3.10 needs the tomli package: pip install tomli") from None
+    return tomllib
 
 
 def load_toml(path) -> RunConfig:
-    """Read a TOML recipe (``configs/*.toml``) into a validated RunConfig; missing keys keep their defaults."""
-    import tomllib
+    """Read a TOML recipe (``configs/*.toml``) into a validated RunConfig; missing keys keep their defaults.
 
+    Raises:
+        OSError: the file cannot be read.
+        ConfigError: malformed TOML, an unknown key or a value out of range (the message starts with ``path``).
+        ConfigTypeError: a value of the wrong type.
+    """
+    toml = _tomllib()
     with open(path, "rb") as f:
-        data = tomllib.load(f)
+        try:
+            data = toml.load(f)
+        except toml.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
         return run_config_from_dict(data)
-    except (TypeError, ValueError) as e:
+    except ConfigError as e:
         raise type(e)(f"{path}: {e}") from None
 
 
 def _parse_value(text: str):
     """Parse the right-hand side of an override as a TOML value; a bare word stays a string."""
-    import tomllib
-
+    toml = _tomllib()
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return toml.loads(f"v = {text}")["v"]
+    except toml.TOMLDecodeError:
         return text
 
 
@@ -428,9 +560,12 @@ def apply_overrides(cfg, overrides: list[str]):
     Values are parsed as TOML scalars (``1e-3``, ``true``, ``"text"``; a bare word is a string; ``none`` is None
     for fields that accept None), then checked against the field's type (an int is accepted for a float field).
 
+    The result is validated as a whole after every override is applied (so ``model.arch`` and a setting that
+    depends on it may change together).
+
     Raises:
-        ValueError: malformed override or unknown key (the message lists the valid keys).
-        TypeError: the value does not have the field's type.
+        ConfigError: malformed override, unknown key (the message lists the valid keys) or a value out of range.
+        ConfigTypeError: the value does not have the field's type (also a TypeError).
     """
     import copy
 
@@ -438,7 +573,7 @@ def apply_overrides(cfg, overrides: list[str]):
     root_cls = type(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value, e.g. train.steps=100")
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.steps=100")
         key, text = item.split("=", 1)
         key = key.strip().removeprefix("--")
         parts = key.split(".")
@@ -448,17 +583,17 @@ def apply_overrides(cfg, overrides: list[str]):
                 prefix = ".".join(parts[:i])
                 keys = valid_keys(type(obj), prefix) if dataclasses.is_dataclass(obj) else valid_keys(root_cls)
                 where = f" under {prefix}" if prefix else ""
-                raise ValueError(f"unknown config key {key!r}; valid keys{where}: {keys}")
+                raise ConfigError(f"unknown config key {key!r}; valid keys{where}: {keys}")
             if i < len(parts) - 1:
                 obj = getattr(obj, part)
         tp = _field_types(type(obj))[parts[-1]]
         if dataclasses.is_dataclass(tp):
-            raise ValueError(f"{key!r} is a section; set one of its keys: {valid_keys(tp, key)}")
+            raise ConfigError(f"{key!r} is a section; set one of its keys: {valid_keys(tp, key)}")
         value = _parse_value(text.strip())
         if not isinstance(value, str) and _accepts_str(tp):
             value = text.strip()  # data.corpus=123 means the string "123"
         setattr(obj, parts[-1], _coerce(value, tp, key))
-    return cfg
+    return validate(cfg)
 
 
 def _accepts_str(tp) -> bool:
