@@ -214,3 +214,17 @@ def test_save_to_disk_dir_with_fake_datasets(tmp_path: Path, monkeypatch: pytest
     (d / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
     c = load_corpus(DataConfig(corpus=str(d), val_fraction=0.0))
     assert c.train_texts == [f"row {i}" for i in range(40)]  # the train split of a DatasetDict
+
+
+def test_single_one_line_document_is_split_at_a_space(tmp_path: Path):
+    """A one-line corpus still gets a validation split: its tail, cut after a space."""
+    f = tmp_path / "one.txt"
+    text = " ".join(f"word{i}" for i in range(10_000))
+    f.write_text(text)
+    c = load_corpus(DataConfig(corpus=str(f), val_fraction=0.1))
+    (train,), (val,) = c.train_texts, c.val_texts
+    assert train + val == text and train.endswith(" ")
+    assert 0.09 < len(val) / len(text) < 0.11
+    f.write_text("x")  # too short to split: everything is training text
+    c = load_corpus(DataConfig(corpus=str(f), val_fraction=0.1))
+    assert c.train_texts == ["x"] and c.val_texts == []

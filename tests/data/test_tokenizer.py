@@ -1,4 +1,4 @@
-"""Tokenizer: T5 id layout (paper.md §3, "Vocabulary"), round trips, sentinels, caching, loading saved models."""
+"""Tokenizer: T5 id layout (paper §3, "Vocabulary"), round trips, sentinels, caching, loading saved models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from switchformer.config import DataConfig
+from switchformer.config import DataConfig, round_vocab
 from switchformer.data import Corpus, Tokenizer, get_tokenizer, load_corpus, train_tokenizer
 from switchformer.data import tokenizer as tokenizer_module
 
@@ -21,7 +21,7 @@ def test_special_ids_and_layout(tiny_tok: Tokenizer):
     assert tiny_tok.sentinel_id(0) == 499 and tiny_tok.sentinel_id(99) == 400  # <extra_id_0> is the last id
     with pytest.raises(ValueError, match="num_sentinels"):
         tiny_tok.sentinel_id(100)
-    assert tiny_tok.padded_vocab_size() == 512
+    assert round_vocab(tiny_tok.vocab_size) == 512
 
 
 def test_round_trip_code(tiny_tok: Tokenizer, tiny_texts: list[str]):
@@ -81,7 +81,7 @@ def test_t5_sized_model_gives_32100(tiny_tok: Tokenizer, tmp_path: Path):
     extra = b"".join(_piece_field(f"zz{i:05d}") for i in range(32000 - tiny_tok.num_pieces))
     (tmp_path / "spiece.model").write_bytes(tiny_tok._proto + extra)
     t5 = Tokenizer.from_file(tmp_path / "spiece.model")
-    assert (t5.num_pieces, t5.vocab_size, t5.padded_vocab_size()) == (32000, 32100, 32128)
+    assert (t5.num_pieces, t5.vocab_size, round_vocab(t5.vocab_size)) == (32000, 32100, 32128)
     assert t5.sentinel_id(0) == 32099 and t5.sentinel_id(99) == 32000
     assert t5.decode([32099, 32098]) == "<extra_id_0><extra_id_1>"
 
@@ -124,3 +124,31 @@ def test_training_is_deterministic(tiny_texts: list[str], tiny_tok: Tokenizer):
     lines = list(tokenizer_module._training_lines(tiny_texts, max_lines=100))
     assert 50 <= len(lines) <= 100 and lines == list(tokenizer_module._training_lines(tiny_texts, max_lines=100))
     assert all(line.strip() and "\n" not in line for line in lines)
+
+
+def _one_line_text(n_words: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "def", "class", "return", "import", "lambda", "self", "élan", "наш"]
+    return " ".join(f"{words[i]}{j}" for i, j in zip(rng.integers(0, len(words), n_words),
+                                                      rng.integers(0, 50, n_words), strict=True))
+
+
+def test_overlong_lines_are_fed_to_the_trainer_in_pieces():
+    """SentencePiece skips sentences longer than its limit: a long line reaches it in pieces that fit."""
+    line = _one_line_text(5000)
+    assert len(line.encode()) > 4 * tokenizer_module._MAX_SENTENCE_LENGTH
+    pieces = list(tokenizer_module._line_pieces(line))
+    assert "".join(pieces) == line and len(pieces) > 4
+    assert all(len(p.encode()) <= tokenizer_module._MAX_SENTENCE_LENGTH for p in pieces)
+    assert all(p.endswith(" ") for p in pieces[:-1])  # cut after a space, not inside a word
+    nospace = "x" * 20_000
+    assert "".join(tokenizer_module._line_pieces(nospace)) == nospace
+    assert list(tokenizer_module._line_pieces("short line")) == ["short line"]
+
+
+def test_tokenizer_trains_on_a_single_long_line():
+    """A corpus of one long line (minified code, a dump) trains a tokenizer that round-trips it."""
+    text = _one_line_text(40_000)  # ~300 KB on one line
+    tok = train_tokenizer([text], vocab_size=300, num_sentinels=10)
+    assert tok.num_pieces == 300
+    assert tok.decode(tok.encode(text[:2000])) == text[:2000]

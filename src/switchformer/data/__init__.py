@@ -1,6 +1,7 @@
 """Pretraining data: corpus sources, the SentencePiece tokenizer, T5 span corruption and the packed loader.
 
-Imports only numpy, torch, sentencepiece, the standard library and ``switchformer.config`` (paper.md §3)::
+Imports only numpy, torch, sentencepiece, the standard library, ``switchformer.config`` and
+``switchformer.errors`` (paper §3)::
 
     corpus = load_corpus(cfg.data)                          # Corpus: train_texts, val_texts, summary()
     tok = get_tokenizer(cfg.data, corpus, cache_dir=cache)  # Tokenizer: T5 ids (pad 0, eos 1, unk 2, sentinels)
@@ -8,7 +9,8 @@ Imports only numpy, torch, sentencepiece, the standard library and ``switchforme
     batch = next(loader)                                    # dict of int64 tensors
 """
 
-from switchformer.data.loader import IGNORE_INDEX, BatchLoader, make_loader, tokenize_texts
+from switchformer.config import IGNORE_INDEX
+from switchformer.data.loader import BatchLoader, make_loader, tokenize_texts
 from switchformer.data.sources import Corpus, load_corpus
 from switchformer.data.span_corruption import (
     random_spans_noise_mask,

@@ -1,6 +1,6 @@
 """Packed, resumable pretraining batches: ``make_loader(cfg, tok, texts, batch_size, split, model_arch)``.
 
-Pipeline (T5's ``span_corruption`` task, paper.md §3):
+Pipeline (T5's ``span_corruption`` task, paper §3):
 
 1. Tokenize every document once into one flat int32 array, EOS after each document (cached as ``.npy`` in
    ``cache_dir``, keyed by the texts' hash and the tokenizer's fingerprint).
@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from switchformer.config import DataConfig
+from switchformer.config import IGNORE_INDEX, DataConfig
 from switchformer.data.sources import Corpus
 from switchformer.data.span_corruption import (
     _counts,
@@ -50,7 +50,6 @@ from switchformer.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _STATE_VERSION = 1
 _SPLIT_SALT = {"train": 0, "val": 1}
 _ENCODE_GROUP = 256  # documents per sentencepiece batch call: bounds the Python lists held at once

@@ -1,4 +1,4 @@
-"""Where pretraining text comes from: ``load_corpus(DataConfig) -> Corpus`` (paper.md §3; the paper used C4).
+"""Where pretraining text comes from: ``load_corpus(DataConfig) -> Corpus`` (paper §3; the paper used C4).
 
 ``DataConfig.corpus`` is one of:
 
@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -350,6 +351,16 @@ def _unit_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
+def _one_line_split_point(text: str, val_fraction: float) -> int | None:
+    """Where to cut a one-line document so that about ``val_fraction`` of it is held out: after the first
+    whitespace at or past the cut (else at the cut itself); None when either side would be empty."""
+    cut = int(len(text) * (1 - val_fraction))
+    m = re.compile(r"\s").search(text, cut)
+    if m is not None:
+        cut = m.end()
+    return cut if 0 < cut < len(text) else None
+
+
 def _split(
     docs: list[tuple[str, str]], val_fraction: float, notes: list[str]
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -359,9 +370,13 @@ def _split(
     if len(docs) == 1:
         name, text = docs[0]
         lines = text.splitlines(keepends=True)
-        if len(lines) < 2:
-            notes.append("single one-line document: no validation split")
-            return docs, []
+        if len(lines) < 2:  # one long line (minified code, a dump): split it at a space near the fraction
+            cut = _one_line_split_point(text, val_fraction)
+            if cut is None:
+                notes.append("single one-line document: no validation split")
+                return docs, []
+            notes.append(f"single one-line document: its last {len(text) - cut} characters are the validation split")
+            return [(name, text[:cut])], [(f"{name}[val]", text[cut:])]
         k = min(len(lines) - 1, max(1, round(len(lines) * val_fraction)))
         notes.append(f"single document: its last {k} of {len(lines)} lines are the validation split")
         return [(name, "".join(lines[:-k]))], [(f"{name}[val]", "".join(lines[-k:]))]

@@ -1,4 +1,4 @@
-"""T5 span corruption, the Switch Transformer pretraining objective (paper.md §3: "drop 15% of tokens and replace
+"""T5 span corruption, the Switch Transformer pretraining objective (paper §3: "drop 15% of tokens and replace
 each masked span with a single sentinel"; mean span length 3 is the T5 default).
 
 Pure numpy functions, no state. They reproduce the semantics of T5's ``random_spans_noise_mask``,
@@ -126,7 +126,7 @@ def span_corrupt(
     eos_id: int = 1,
     noise_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """T5 span corruption of one token sequence (paper.md §3).
+    """T5 span corruption of one token sequence (paper §3).
 
     Inputs keep the non-noise tokens and replace each noise span by one sentinel; targets hold, for each noise span,
     its sentinel followed by the span's tokens. Both end with EOS. The k-th noise span uses sentinel k
@@ -182,7 +182,7 @@ def span_corruption_lengths(
     ``random_spans_helper``), and the resulting targets length.
 
     Both lengths include the EOS. Example: ``span_corruption_lengths(512) == (568, 114)`` (the T5X C4 default,
-    paper.md §3) and ``span_corruption_lengths(128) == (141, 29)``.
+    paper §3) and ``span_corruption_lengths(128) == (141, 29)``.
 
     Args:
         inputs_length: encoder sequence length wanted.

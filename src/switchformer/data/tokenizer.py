@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with T5's id layout (paper.md §3, "Vocabulary").
+"""SentencePiece tokenizer with T5's id layout (paper §3, "Vocabulary").
 
 Layout, as in T5 / Switch (``cc_all.32000.100extra``)::
 
@@ -29,18 +29,19 @@ import numpy as np
 import sentencepiece as spm
 
 from switchformer.config import DataConfig
+from switchformer.errors import DataError
 
 log = logging.getLogger(__name__)
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 # Bump when the trainer options below change, so cached models trained with old options are not reused.
-_TRAINER_VERSION = "spm-unigram-code-v2"
+_TRAINER_VERSION = "spm-unigram-code-v3"
 # Lines fed to the trainer: ~100k lines of code train an 8k vocabulary in ~10 s on 2 cores and give the same
 # tokens/byte (within 0.2%) as 300k lines (measured on the CPython 3.11 standard library).
 _INPUT_SENTENCE_SIZE = 100_000
 _SEED_SENTENCEPIECE_SIZE = 200_000
-_MAX_SENTENCE_LENGTH = 4096  # bytes; longer lines (minified data, tables) are skipped by the trainer
+_MAX_SENTENCE_LENGTH = 4096  # bytes; the trainer skips longer sentences, so longer lines are fed in pieces
 
 
 class Tokenizer:
@@ -167,10 +168,6 @@ class Tokenizer:
             parts.append(self.sp.decode(run))
         return "".join(parts)
 
-    def padded_vocab_size(self, multiple: int = 128) -> int:
-        """``vocab_size`` rounded up to a multiple (the model's embedding rows; T5: 32100 -> 32128)."""
-        return -(-self.vocab_size // multiple) * multiple
-
     def __repr__(self) -> str:
         return (
             f"Tokenizer(pieces={self.num_pieces}, sentinels={self.num_sentinels}, vocab_size={self.vocab_size}, "
@@ -185,21 +182,44 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _line_pieces(line: str, max_bytes: int = _MAX_SENTENCE_LENGTH) -> Iterator[str]:
+    """``line`` in consecutive pieces of at most ``max_bytes`` UTF-8 bytes, cut after whitespace where possible
+    (``"".join`` gives the line back). The trainer skips longer sentences, so without this a corpus of very long
+    lines (minified code, one-line dumps) would leave it nothing to train on."""
+    if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
+        yield line
+        return
+    width = max_bytes // 4  # characters; a UTF-8 character has at most 4 bytes
+    start = 0
+    while start < len(line):
+        end = min(start + width, len(line))
+        if end < len(line):
+            cut = max(line.rfind(" ", start + width // 2, end), line.rfind("\t", start + width // 2, end))
+            if cut > start:
+                end = cut + 1
+        yield line[start:end]
+        start = end
+
+
 def _training_lines(texts: Sequence[str], max_lines: int = _INPUT_SENTENCE_SIZE) -> Iterator[str]:
-    """Non-blank lines of the texts, every k-th one so that at most ``max_lines`` are yielded.
+    """Non-blank lines of the texts (overlong ones in pieces), every k-th one so that at most ``max_lines`` are
+    yielded.
 
     SentencePiece trains on 'sentences' (newlines are separate pieces). We sample lines ourselves, by stride,
     instead of with SentencePiece's random sampler, so the trained model is the same on every run.
     """
-    total = sum(1 for text in texts for line in text.split("\n") if line.strip())
+
+    def lines() -> Iterator[str]:
+        for text in texts:
+            for line in text.split("\n"):
+                if line.strip():
+                    yield from _line_pieces(line)
+
+    total = sum(1 for _ in lines())
     stride = max(1, -(-total // max_lines))
-    n = 0
-    for text in texts:
-        for line in text.split("\n"):
-            if line.strip():
-                if n % stride == 0:
-                    yield line
-                n += 1
+    for n, line in enumerate(lines()):
+        if n % stride == 0:
+            yield line
 
 
 def train_tokenizer(
@@ -250,7 +270,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
-        raise ValueError(f"SentencePiece training failed: {e} (set data.vocab_size accordingly)") from e
+        advice = "set data.vocab_size accordingly" if "ocabulary size" in str(e) else "check data.corpus"
+        raise DataError(f"SentencePiece training failed: {e} ({advice})") from e
     return Tokenizer(model.getvalue(), num_sentinels=num_sentinels, source=f"trained(vocab_size={vocab_size})")
 
 
