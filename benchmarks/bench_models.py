@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from switchformer.interop import hf as H
+from switchformer import interop as H
 from switchformer.models.presets import get_preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables (and store them in JSON)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/models_cpu_<date>)")
     p.add_argument("--fresh-memory", action="store_true",
-                   help="leave glibc's default of returning big freed blocks to the OS (default: reuse them, as the "
-                        "switchformer CLI does; process-wide, so transformers gets the same setting)")
+                   help="keep glibc's default of returning big freed blocks to the OS (default: reuse them, as the "
+                        "first CPU SwitchFFN does; process-wide, so transformers gets the same setting)")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="rewrite the Markdown report beside an earlier run's JSON from that JSON (measures nothing)")
     args = p.parse_args(argv)
@@ -252,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             k: tuple(v) if k == "decoder_lens" else v for k, v in payload["setting"].items()}), payload["env"]))
         print(f"wrote {path.with_suffix('.md')}")
         return 0
-    if not args.fresh_memory:
-        from switchformer.runtime import reuse_freed_memory
+    from switchformer import runtime
 
-        # The [8, 128, 32128] logits (131 MB) would otherwise be fresh, zero-filled pages on every call on both sides.
-        reuse_freed_memory()
+    if args.fresh_memory:
+        runtime.disable_malloc_tuning()  # our models' Switch layers would otherwise apply it when built
+    else:
+        # Applied before either model is built, so both sides get it from the start: the [8, 128, 32128] logits
+        # (131 MB) would otherwise be fresh, zero-filled pages on every call on both sides.
+        runtime.reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Setting(reps=args.reps, dropless=not args.hf_capacity_in_generate)
