@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from switchformer.models.presets import get_preset
 
         if args.model_dir is not None:
-            from switchformer.interop.hf import from_pretrained
+            from switchformer.interop import from_pretrained
 
             model = from_pretrained(args.model_dir, device=args.device)
         elif args.preset is not None:

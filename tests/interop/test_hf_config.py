@@ -10,8 +10,9 @@ import torch
 from interop_tiny import tiny_hf_config, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
+from switchformer import interop as H
 from switchformer.config import ModelConfig, MoEConfig
-from switchformer.interop import hf as H
+from switchformer.interop import files as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -203,12 +204,12 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
 
 def test_sharded_writer_and_size_parsing(tmp_path):
     tensors = {f"t{i}": torch.full((10, 10), float(i)) for i in range(5)}  # 400 bytes each
-    files = H._write_safetensors(tmp_path, tensors, max_shard_size=900)
+    files = F.write_sharded(tmp_path, tensors, max_shard_size=900)
     assert len(files) == 3 and (tmp_path / H.INDEX_NAME).is_file()
     index = json.loads((tmp_path / H.INDEX_NAME).read_text())
     assert index["metadata"]["total_size"] == 2000 and set(index["weight_map"]) == set(tensors)
-    shards = H._Shards(H._weight_files(tmp_path), device="cpu")
+    shards = F.ShardReader(F.weight_files(tmp_path), device="cpu")
     assert all(torch.equal(shards.get(k), v) for k, v in tensors.items())
-    assert H._parse_size("5GB") == 5 * 10**9 and H._parse_size("2MiB") == 2 * 2**20
+    assert F.parse_size("5GB") == 5 * 10**9 and F.parse_size("2MiB") == 2 * 2**20
     with pytest.raises(ValueError, match="max_shard_size"):
-        H._parse_size("lots")
+        F.parse_size("lots")

@@ -20,8 +20,8 @@ import torch
 from interop_tiny import tiny_hf_model
 
 import switchformer
+from switchformer import interop as H
 from switchformer.config import ModelConfig, MoEConfig
-from switchformer.interop import hf as H
 from switchformer.models import build_model
 
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ relative position bias, no 1/sqrt(d) scaling, optional KV cache), ``RoutedLinear
 ``decoder_only.py``), which read top to bottom.
 
 The module tree mirrors transformers' ``SwitchTransformers`` key names (anchors.md §4) so that the checkpoint adapter
-(``switchformer.interop.hf``) only has to stack/unstack experts:
+(``switchformer.interop.state_dict``) only has to stack/unstack experts:
 ``block[i].layer[0].SelfAttention.{q,k,v,o}``, ``block[0].layer[0].SelfAttention.relative_attention_bias``,
 ``block[i].layer[j].layer_norm``, ``block[i].layer[-1].mlp.{wi,wo}`` (dense) or SwitchFFN (sparse).
 

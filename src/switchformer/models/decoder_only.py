@@ -191,17 +191,3 @@ class SwitchDecoderLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Generate prompt + continuation; see ``switchformer.models.generation``."""
         return generate(self, input_ids, attention_mask, **kwargs)
-
-    def save_pretrained(self, path, **kwargs):
-        """Write config.json + safetensors (``switchformer.interop.hf.save_pretrained``: transformers' layout when
-        transformers has the architecture, else switchformer's native layout); kwargs go through."""
-        from switchformer.interop.hf import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path_or_id, **kwargs) -> nn.Module:
-        """Load a saved model (``switchformer.interop.hf.from_pretrained``)."""
-        from switchformer.interop.hf import from_pretrained
-
-        return from_pretrained(path_or_id, **kwargs)

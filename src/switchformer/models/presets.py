@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from switchformer.config import ModelConfig, MoEConfig
-from switchformer.models.blocks import is_sparse_block
+from switchformer.config import ModelConfig, MoEConfig, is_sparse_block
+from switchformer.models.build import build_model
 
 # Sequence lengths of Table 9's "FLOPs/seq": T5X span-corruption inputs 512 / targets 114 (paper.md §3).
 DEFAULT_INPUT_LENGTH = 512
@@ -102,8 +102,6 @@ def get_preset(name: str) -> ModelConfig:
 
 def count_parameters(cfg: ModelConfig | str) -> int:
     """Exact parameter count, built on the meta device (no memory is allocated); tied weights count once."""
-    from switchformer.models import build_model
-
     cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
     model = build_model(cfg, init=False, device="meta")
     return sum(p.numel() for p in model.parameters())

@@ -20,8 +20,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from switchformer.config import MoEConfig
-from switchformer.models.blocks import is_sparse_block
+from switchformer.config import MoEConfig, is_sparse_block
+from switchformer.models.build import build_model
 
 
 def upcycle(
@@ -48,8 +48,6 @@ def upcycle(
     Returns:
         A new model on the dense model's device and dtype.
     """
-    from switchformer.models import build_model
-
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     cfg = dense_model.config
