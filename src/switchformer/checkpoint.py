@@ -1,21 +1,26 @@
-"""Checkpoints: safetensors weights + optimizer tensors, and a JSON train state; atomic, verified, last K kept.
+"""Training checkpoints: safetensors weights and optimizer tensors, a JSON train state; atomic, verified, last K kept.
 
-Layout (format version 1)::
+Layout (format version ``FORMAT_VERSION``, shared with :mod:`switchformer.interop.files`)::
 
     RUN_DIR/checkpoints/
       latest                      # text: "step_000200" (written atomically)
       step_000200/
-        model.safetensors         # model.state_dict() (tied weights stored once; safetensors.torch.save_model)
+        model.safetensors         # model.state_dict(), tensors that share storage (a tied head) stored once
         optimizer.safetensors     # every tensor of optimizer.state_dict()["state"], keyed "state.<idx>.<name>"
         config.toml               # the RunConfig of the run
         train_state.json          # step, schedule, scalars, RNG states, data-loader state, and a manifest
                                   # (size + sha256 of every other file), written last
 
-A checkpoint is written into a temporary sibling folder, every file is fsync'ed, and the folder is renamed into
-place (an atomic rename on POSIX), then ``latest`` is replaced atomically; a crash at any point leaves the previous
-checkpoint intact and ``latest`` pointing at a complete one. Loading verifies the manifest first, so a truncated or
-corrupted file raises ``CheckpointError`` naming the file; ``load_latest`` then falls back to the previous one.
-Nothing here pickles: RNG states are base64 bytes in JSON, tensors go to safetensors.
+A checkpoint is written into a temporary sibling folder (``.tmp_step_000200_<pid>``) with the atomic writer of
+:mod:`switchformer.interop.files` (every file fsync'ed), the folder is renamed into place (an atomic rename on
+POSIX), then ``latest`` is replaced atomically; a crash at any point leaves the previous checkpoint intact and
+``latest`` pointing at a complete one. A crash leaves the temporary folder behind: :func:`clean_incomplete` removes
+it when training starts again.
+
+Loading verifies the manifest first, so a truncated or corrupted file raises ``CheckpointError`` naming the file;
+:func:`load_latest` then falls back to the previous one. ``latest`` is only a hint: unreadable, or naming anything
+but a checkpoint folder of this run (an absolute path, ``..``, a symlink), it is ignored with a warning and the newest
+valid checkpoint is used. Nothing here pickles: RNG states are base64 bytes in JSON, tensors go to safetensors.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -34,15 +40,39 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model
 
 from switchformer.errors import CheckpointError
+from switchformer.interop.files import (
+    FORMAT_VERSION,
+    fsync_dir,
+    save_safetensors,
+    unique_tensors,
+    write_text_atomic,
+)
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedCheckpoint",
+    "clean_incomplete",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "load_model_weights",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.toml"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+_STEP_RE = re.compile(r"step_(\d+)")
+_TMP_RE = re.compile(r"\.tmp_step_\d+_(\d+)")
+_TMP_FILE_RE = re.compile(r"\..+\.tmp\.(\d+)")  # what interop.files.atomic_path leaves behind on a crash
 
 
 @dataclass
@@ -58,40 +88,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,48 +195,81 @@ def save_checkpoint(
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    meta = {"format_version": str(FORMAT_VERSION)}
+    save_safetensors(tmp / MODEL_FILE, unique_tensors(model.state_dict()), metadata=meta)
     state = dict(train_state)
     state["format_version"] = FORMAT_VERSION
     state["step"] = step
     state["rng"] = rng_state()
     if optimizer is not None:
-        tensors, meta = split_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-        state["optimizer"] = meta
-    (tmp / CONFIG_FILE).write_text(config_toml)
+        tensors, opt_meta = split_optimizer_state(optimizer.state_dict())
+        save_safetensors(tmp / OPTIM_FILE, tensors, metadata=meta)
+        state["optimizer"] = opt_meta
+    write_text_atomic(tmp / CONFIG_FILE, config_toml)
     files = [MODEL_FILE, CONFIG_FILE] + ([OPTIM_FILE] if optimizer is not None else [])
-    for name in files:
-        _fsync_file(tmp / name)
     state["manifest"] = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files}
-    with open(tmp / STATE_FILE, "w") as f:
-        json.dump(_jsonable(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    write_text_atomic(tmp / STATE_FILE, json.dumps(_jsonable(state)))
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)  # the commit point
-    _fsync_dir(root)
-    write_text_atomic(root / "latest", final.name + "\n")
+    fsync_dir(root)
+    write_text_atomic(root / LATEST_FILE, final.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete-looking checkpoint directories, oldest first (temporary folders are ignored)."""
-    root = Path(run_dir) / "checkpoints"
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is starting: nothing of its own is being written
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to another user
+        return True
+    return True
+
+
+def clean_incomplete(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what a checkpoint write killed midway left in ``run_dir/checkpoints``; return the removed paths.
+
+    These are the ``.tmp_step_*`` folders (and temporary files of an interrupted ``latest`` update). A folder whose
+    writer process is still alive is kept. Called by the training loop when it starts.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    removed = []
+    for p in sorted(root.iterdir()):
+        m = _TMP_RE.fullmatch(p.name) or _TMP_FILE_RE.fullmatch(p.name)
+        if m is None or _pid_alive(int(m[1])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders of ``run_dir`` (``step_<digits>``, real directories, not symlinks), oldest first.
+
+    Temporary folders of unfinished writes are not listed; whether a listed one is complete is checked by
+    :func:`verify_checkpoint`.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if _STEP_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -247,24 +282,36 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     state_path = path / STATE_FILE
     if not state_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {state_path} is missing")
+        raise CheckpointError(f"checkpoint {path} is incomplete: {state_path} is missing (an interrupted write); "
+                              "delete the folder or resume from an earlier checkpoint")
     try:
         state = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {state_path} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {state_path} is corrupted (not a JSON object)")
     if state.get("format_version") != FORMAT_VERSION:
         version = state.get("format_version")
-        raise CheckpointError(f"{state_path}: format_version {version!r}, expected {FORMAT_VERSION}")
-    for name, info in state.get("manifest", {}).items():
+        raise CheckpointError(f"{state_path}: format_version {version!r}, expected {FORMAT_VERSION}; this "
+                              "checkpoint was written by another switchformer version, load it with that version")
+    manifest = state.get("manifest")
+    if not isinstance(manifest, dict) or not all(isinstance(v, dict) for v in manifest.values()):
+        raise CheckpointError(f"checkpoint file {state_path} is corrupted: no valid 'manifest'")
+    for name, info in manifest.items():
         f = path / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{state_path}: manifest entry {name!r} is not a file of the checkpoint folder")
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
         size = f.stat().st_size
-        if size != info["bytes"]:
-            expected = info["bytes"]
+        if size != info.get("bytes"):
+            expected = info.get("bytes")
             raise CheckpointError(f"checkpoint file {f} is truncated or corrupted: {size} bytes, expected {expected}")
-        if _sha256(f) != info["sha256"]:
+        if _sha256(f) != info.get("sha256"):
             raise CheckpointError(f"checkpoint file {f} is corrupted: sha256 does not match train_state.json")
+    for key in ("step", "rng"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint file {state_path} is corrupted: no {key!r}")
     return state
 
 
@@ -273,7 +320,7 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, strict: 
     path = Path(path)
     f = path / MODEL_FILE if path.is_dir() else path
     try:
-        missing, unexpected = load_model(model, str(f), strict=strict)
+        load_model(model, str(f), strict=strict)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint file {f} could not be read ({e}); it is truncated or corrupted") from None
     except RuntimeError as e:
@@ -306,14 +353,43 @@ def load_checkpoint(
     return LoadedCheckpoint(path=path, step=int(state["step"]), state=state)
 
 
+def _pointed_checkpoint(root: Path) -> Path | None:
+    """The checkpoint folder ``root/latest`` names, or None (with a warning) when it is unusable.
+
+    Only a plain ``step_<digits>`` name of a real folder inside ``root`` is followed: never an absolute path, a
+    ``..``, a symlinked pointer or a symlinked folder, which could lead to another run's checkpoint.
+    """
+    pointer = root / LATEST_FILE
+    if not pointer.exists() and not pointer.is_symlink():
+        return None
+    problem = None
+    if pointer.is_symlink() or not pointer.is_file():
+        problem = "is not a regular file"
+    else:
+        try:
+            name = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name, problem = "", "is unreadable"
+        if problem is None:
+            target = root / name
+            if not _STEP_RE.fullmatch(name):
+                problem = f"holds {name[:80]!r}, not a checkpoint folder name like 'step_000200'"
+            elif not target.is_dir() or target.is_symlink():
+                problem = f"names {name!r}, which is not a checkpoint folder of this run"
+            else:
+                return target
+    warnings.warn(f"{pointer} {problem}; ignoring it and using the newest valid checkpoint of {root.parent}",
+                  stacklevel=3)
+    return None
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint named by ``latest`` (or the newest directory when the pointer is missing)."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        p = root / pointer.read_text().strip()
-        if p.is_dir():
-            return p
+    """The checkpoint named by ``latest``, or the newest checkpoint folder when the pointer is missing or unusable
+    (see :func:`load_latest`); None when the run has none."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointed = _pointed_checkpoint(root)
+    if pointed is not None:
+        return pointed
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
@@ -326,12 +402,16 @@ def load_latest(
 ) -> LoadedCheckpoint:
     """Load the newest usable checkpoint of ``run_dir``; a corrupted one is skipped with a warning.
 
+    ``checkpoints/latest`` is tried first; when it is unreadable or points anywhere but a checkpoint folder of this
+    run, it is ignored (with a warning). Then every checkpoint folder, newest first, until one verifies and loads.
+
     Raises:
         CheckpointError: no checkpoint at all, or none of them loads (the message lists each failure).
     """
     first = latest_checkpoint(run_dir)
     if first is None:
-        raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+        raise CheckpointError(f"no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}; train first, or pass the run "
+                              "directory that holds checkpoints/")
     candidates = [first] + [p for p in reversed(list_checkpoints(run_dir)) if p != first]
     errors = []
     for p in candidates:

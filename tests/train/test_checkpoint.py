@@ -1,15 +1,20 @@
-"""Checkpoints: exact round trip (weights, optimizer, RNG), atomicity under a simulated crash, clear errors."""
+"""Checkpoints: exact round trip (weights, optimizer, RNG), atomicity under a simulated crash, clear errors, a bad
+``latest`` pointer never followed out of the run, leftovers of a killed write cleaned."""
 
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from switchformer import checkpoint as ck
+from switchformer import errors
 from switchformer.config import OptimConfig
+from switchformer.interop import files
 from switchformer.train.optim import build_optimizer
 
 
@@ -70,14 +75,21 @@ def test_crash_between_writes_leaves_previous_loadable(tmp_path, monkeypatch):
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     _train_steps(model, opt, 1)
 
-    def boom(*a, **k):  # the process dies after the weights are written, before the rest
-        raise KeyboardInterrupt("simulated crash")
+    save = ck.save_safetensors
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    def boom(path, *a, **k):  # the process dies after the weights are written, before the rest
+        if path.name == ck.OPTIM_FILE:
+            raise KeyboardInterrupt("simulated crash")
+        return save(path, *a, **k)
+
+    monkeypatch.setattr(ck, "save_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path, 2, model, opt, {}, "")
     monkeypatch.undo()
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_000001"]  # the temp folder is not a ckpt
+    left = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp_step_000002")]
+    assert len(left) == 1 and (left[0] / ck.MODEL_FILE).is_file()  # what a kill mid-write leaves behind
+    assert ck.clean_incomplete(tmp_path) == left and not left[0].exists()  # removed on the next start
     fresh = Tied()
     loaded = ck.load_latest(tmp_path, fresh, build_optimizer(fresh, OptimConfig()))
     assert loaded.step == 1
@@ -128,3 +140,101 @@ def test_no_pickle_in_checkpoint(tmp_path):
     assert sorted(os.listdir(p)) == sorted([ck.MODEL_FILE, ck.OPTIM_FILE, ck.STATE_FILE, ck.CONFIG_FILE])
     state = json.loads((p / ck.STATE_FILE).read_text())
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _two_runs(tmp_path):
+    """Run A with checkpoints at steps 1 and 2; run B (other weights) with one at step 5. Returns (A, B, A's step-2
+    weights)."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    torch.manual_seed(0)
+    model = Tied()
+    ck.save_checkpoint(run_a, 1, model, None, {}, "")
+    with torch.no_grad():
+        model.ff.weight.add_(1.0)
+    ck.save_checkpoint(run_a, 2, model, None, {}, "")
+    ref_a = _weights(model)
+    ck.save_checkpoint(run_b, 5, Tied(), None, {}, "")
+    return run_a, run_b, ref_a
+
+
+def _pointer_garbage(run_a, run_b):
+    (run_a / "checkpoints" / "latest").write_bytes(bytes(range(256)) * 4)
+
+
+def _pointer_absolute(run_a, run_b):
+    (run_a / "checkpoints" / "latest").write_text(str((run_b / "checkpoints" / "step_000005").resolve()) + "\n")
+
+
+def _pointer_dotdot(run_a, run_b):
+    (run_a / "checkpoints" / "latest").write_text("../../b/checkpoints/step_000005\n")
+
+
+def _pointer_to_symlinked_folder(run_a, run_b):
+    (run_a / "checkpoints" / "step_000009").symlink_to((run_b / "checkpoints" / "step_000005").resolve())
+    (run_a / "checkpoints" / "latest").write_text("step_000009\n")
+
+
+def _pointer_is_symlink(run_a, run_b):
+    (run_a / "checkpoints" / "latest").unlink()
+    (run_a / "checkpoints" / "latest").symlink_to((run_b / "checkpoints" / "latest").resolve())
+
+
+def _pointer_to_missing_step(run_a, run_b):
+    (run_a / "checkpoints" / "latest").write_text("step_000007\n")
+
+
+@pytest.mark.parametrize("corrupt", [_pointer_garbage, _pointer_absolute, _pointer_dotdot,
+                                     _pointer_to_symlinked_folder, _pointer_is_symlink, _pointer_to_missing_step])
+def test_bad_latest_pointer_falls_back_to_this_runs_newest_checkpoint(tmp_path, corrupt):
+    """``latest`` is a hint: garbage or a pointer out of the run is ignored, never followed into another run."""
+    run_a, run_b, ref_a = _two_runs(tmp_path)
+    corrupt(run_a, run_b)
+    fresh = Tied()
+    with pytest.warns(UserWarning, match="latest"):
+        loaded = ck.load_latest(run_a, fresh)
+    assert loaded.step == 2 and loaded.path == run_a / "checkpoints" / "step_000002"
+    assert all(torch.equal(v, ref_a[k]) for k, v in fresh.state_dict().items())
+    assert [p.name for p in ck.list_checkpoints(run_a)] == ["step_000001", "step_000002"]  # no symlinked folder
+
+
+def test_bad_latest_pointer_and_corrupt_newest_checkpoint(tmp_path):
+    """The fallback verifies each checkpoint's manifest: a corrupted newest one gives way to the previous one."""
+    run_a, run_b, _ = _two_runs(tmp_path)
+    _pointer_garbage(run_a, run_b)
+    f = run_a / "checkpoints" / "step_000002" / ck.MODEL_FILE
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.warns(UserWarning) as rec:
+        loaded = ck.load_latest(run_a, Tied())
+    assert loaded.step == 1
+    assert any("sha256" in str(w.message) for w in rec) and any("latest" in str(w.message) for w in rec)
+
+
+def test_clean_incomplete_removes_dead_writers_leftovers_only(tmp_path):
+    ck.save_checkpoint(tmp_path, 1, Tied(), None, {}, "")
+    root = tmp_path / "checkpoints"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs
+    dead, alive = child.pid, os.getppid()
+    (root / f".tmp_step_000002_{dead}").mkdir()
+    (root / f".tmp_step_000002_{dead}" / ck.MODEL_FILE).write_bytes(b"partial")
+    (root / f".tmp_step_000003_{os.getpid()}").mkdir()  # this process, starting again: its own leftovers
+    (root / f".latest.tmp.{dead}").write_text("step_000002\n")
+    (root / f".tmp_step_000004_{alive}").mkdir()  # a live writer: kept
+    removed = ck.clean_incomplete(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(
+        [f".tmp_step_000002_{dead}", f".tmp_step_000003_{os.getpid()}", f".latest.tmp.{dead}"])
+    assert sorted(p.name for p in root.iterdir()) == sorted([f".tmp_step_000004_{alive}", "latest", "step_000001"])
+    assert ck.clean_incomplete(tmp_path / "no-such-run") == []
+    assert ck.load_latest(tmp_path, Tied()).step == 1
+
+
+def test_checkpoint_and_interop_share_one_writer_version_and_error():
+    assert ck.FORMAT_VERSION == files.FORMAT_VERSION
+    assert ck.save_safetensors is files.save_safetensors and ck.write_text_atomic is files.write_text_atomic
+    assert ck.CheckpointError is errors.CheckpointError
