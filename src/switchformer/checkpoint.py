@@ -62,6 +62,7 @@ __all__ = [
     "load_model_weights",
     "save_checkpoint",
     "verify_checkpoint",
+    "write_text_atomic",
 ]
 
 MODEL_FILE = "model.safetensors"

@@ -138,6 +138,16 @@ def _convert_native(shards: ShardReader, dtype: torch.dtype | None) -> dict[str,
     return out
 
 
+def _check_native_marker(marker: Mapping[str, Any], source: str) -> None:
+    if not isinstance(marker.get("model_config"), Mapping):
+        raise CheckpointError(f"{source}: '{MARKER}.model_config' is missing or not an object; a native switchformer "
+                              "checkpoint needs it: re-save the model with switchformer.save_pretrained")
+    version = marker.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: '{MARKER}.format_version' is {version!r}, this switchformer reads "
+                              f"{FORMAT_VERSION}; load it with the switchformer version that wrote it")
+
+
 def from_pretrained(
     path_or_id: str | os.PathLike,
     *,
@@ -183,6 +193,7 @@ def from_pretrained(
                          else "cpu", rename=canonical_key)
     marker = raw.get(MARKER) if isinstance(raw.get(MARKER), Mapping) else {}
     if marker.get("format") == "native":
+        _check_native_marker(marker, source)
         cfg = config_from_hf(raw, source=source)
         sd = _convert_native(shards, dt)
         return _load_into(cfg, sd, strict=strict, device=device, dtype=dt)
