@@ -1,10 +1,12 @@
 """Run metrics: router statistics (per-layer expert load, dropped fraction, router entropy), token counts, and the
 JSONL (+ optional TensorBoard) logger.
 
-Router entropy (paper.md §4 item 19) is the mean over real tokens of the entropy of the router distribution
-``-sum_i p_i log p_i`` (nats) when the router results carry ``router_probs``; a uniform router gives log(E). When
-they do not, it falls back to the entropy of the *load* distribution ``tokens_per_expert / sum`` ("load entropy",
-also logged separately), which measures balance rather than router confidence.
+Router entropy has one definition, used by training logs and evaluation alike: the mean, over the rows of real
+routed tokens (padding excluded), of the entropy of the router distribution ``-sum_i p_i log p_i`` in nats, over
+every Switch FFN layer; a uniform router gives log(E), a one-hot one 0. ``RouterEntropyProbe`` measures it with
+forward hooks, which see each layer's padding mask (the layers' router results mark padding and dropped tokens
+alike with expert -1). A model without Switch FFN layers falls back to the entropy of the *load* distribution
+``tokens_per_expert / sum`` ("load entropy", also logged separately), which measures balance, not confidence.
 """
 
 from __future__ import annotations
@@ -26,6 +28,20 @@ def _get(r: Any, name: str):
     return v
 
 
+def router_entropy_sum(probs: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """(sum of the router-distribution entropies in nats, number of rows) over the real tokens.
+
+    Args:
+        probs: ``[..., E]`` router probabilities, one row per routed position.
+        padding_mask: True for real tokens, one entry per row (any shape with that many elements); None: all real.
+    """
+    p = probs.detach().float().reshape(-1, probs.shape[-1])
+    if padding_mask is not None and padding_mask.numel() == p.shape[0]:
+        p = p[padding_mask.reshape(-1).bool()]
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    return float(ent.sum()), int(ent.numel())
+
+
 class RouterStats:
     """Accumulates router results of several forward passes, per layer (keyed by ``RouterResult.name``)."""
 
@@ -39,8 +55,9 @@ class RouterStats:
         self.z_sum = 0.0
         self.num_results = 0
 
-    def add(self, router: list | None) -> None:
-        """Add the ``out.router`` list of one forward pass."""
+    def add(self, router: list | None, entropy: tuple[float, int] | None = None) -> None:
+        """Add the ``out.router`` list of one forward pass and its router entropy ``(sum, rows)`` over real tokens
+        (``RouterEntropyProbe.sums()`` of the same pass)."""
         for i, r in enumerate(router or []):
             name = getattr(r, "name", None) or f"layer{i}"
             tpe = _get(r, "tokens_per_expert").detach().to("cpu", torch.int64)
@@ -52,14 +69,9 @@ class RouterStats:
             z = _get(r, "router_z_loss")
             self.z_sum += float(z.detach()) if z is not None else 0.0
             self.num_results += 1
-            probs = _get(r, "router_probs")
-            if probs is not None and probs.numel():
-                # every routed position counts (padding rows too, when the layer reports them): expert_index is -1
-                # for padding *and* dropped tokens, so it cannot tell them apart
-                p = probs.detach().float().reshape(-1, probs.shape[-1])
-                ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-                self.entropy_sum += float(ent.sum())
-                self.entropy_count += int(ent.numel())
+        if entropy is not None:
+            self.entropy_sum += entropy[0]
+            self.entropy_count += entropy[1]
 
     def summary(self) -> dict:
         """Aggregate statistics: drop fraction, router/load entropy (nats), per-layer load fractions."""
@@ -85,12 +97,12 @@ class RouterStats:
 
 
 class RouterEntropyProbe:
-    """Context manager: forward hooks on every ``SwitchFFN`` that accumulate the router-distribution entropy of the
-    real tokens (``MoEAux.router_probs`` rows where the padding mask is True), for models whose router results do
-    not carry the probabilities.
+    """Context manager: forward hooks on every ``SwitchFFN`` that sum the router-distribution entropy of the real
+    tokens (``MoEAux.router_probs`` rows where the layer's padding mask is True).
 
         with RouterEntropyProbe(model) as probe:
-            model(**batch)
+            out = model(**batch)
+        stats.add(out.router, probe.sums())
         probe.mean()   # nats; log(E) for a uniform router, 0 for a one-hot one
     """
 
@@ -106,19 +118,13 @@ class RouterEntropyProbe:
         probs = getattr(output[1], "router_probs", None)
         if probs is None or not probs.numel():
             return
-        p = probs.detach().float().reshape(-1, probs.shape[-1])
-        mask = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
-        if mask is not None and mask.numel() == p.shape[0]:
-            p = p[mask.reshape(-1).bool()]
-        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-        self.total += float(ent.sum())
-        self.count += int(ent.numel())
+        total, count = router_entropy_sum(probs, kwargs.get("padding_mask", args[1] if len(args) > 1 else None))
+        self.total += total
+        self.count += count
 
     def __enter__(self) -> RouterEntropyProbe:
-        try:
-            from switchformer.moe import SwitchFFN
-        except ImportError:  # pragma: no cover
-            return self
+        from switchformer.moe import SwitchFFN
+
         for m in self.model.modules():
             if isinstance(m, SwitchFFN):
                 self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
@@ -128,6 +134,10 @@ class RouterEntropyProbe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def sums(self) -> tuple[float, int]:
+        """(entropy sum in nats, real-token rows) seen so far."""
+        return self.total, self.count
 
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None

@@ -1,5 +1,6 @@
 """The training loop on configs/tiny_test.toml: loss falls, non-finite detection names the layer, exact resume
-after SIGKILL, evaluation metrics are consistent."""
+after SIGKILL, a rejected resume writes nothing, the time budget is per invocation, evaluation metrics are
+consistent."""
 
 import json
 import math
@@ -7,15 +8,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from switchformer import checkpoint as ck
 from switchformer.config import apply_overrides, load_toml
+from switchformer.errors import RunError
 from switchformer.metrics import read_metrics
-from switchformer.train.loop import NonFiniteLossError, build_components, evaluate, train
+from switchformer.train.loop import (
+    KILL_AFTER_STEP_ENV,
+    NonFiniteLossError,
+    Trainer,
+    build_components,
+    evaluate,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_test.toml"
@@ -92,7 +101,7 @@ def test_skip_nonfinite_continues(out_dir):
 
 def _cli(out_dir, name, *extra):
     return [sys.executable, "-m", "switchformer.cli", "train", str(TINY), f"out_dir={out_dir}", f"name={name}",
-            "train.num_threads=1", "train.steps=60", "train.checkpoint_every=3", "train.eval_every=6",
+            "train.num_threads=1", "train.steps=24", "train.checkpoint_every=3", "train.eval_every=6",
             "train.keep_checkpoints=2", "train.log_every=2", *extra]
 
 
@@ -103,21 +112,60 @@ def _records(run_dir):
 
 
 def test_sigkill_resume_matches_uninterrupted(out_dir):
+    """Killed (SIGKILL, through the loop's test hook) after step 12's log and eval records and before its
+    checkpoint, then resumed: the run restarts from step 9 and logs exactly what an uninterrupted run logs."""
     env = dict(os.environ, PYTHONHASHSEED="0")
-    # the reference also warms the tokenizer cache, so both runs below start equally fast
     subprocess.run(_cli(out_dir, "ref"), check=True, env=env, capture_output=True)
     run_dir = Path(out_dir) / "killed"
-    proc = subprocess.Popen(_cli(out_dir, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    time.sleep(0.05)  # land somewhere after the first checkpoint, possibly inside a later one
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.run(_cli(out_dir, "killed"), env={**env, KILL_AFTER_STEP_ENV: "12"}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
     killed_at = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert killed_at < 60, "the run finished before it was killed; nothing was tested"
-    subprocess.run(_cli(out_dir, "killed", "--resume"), check=True, env=env, capture_output=True)
+    assert killed_at == 12 < 24, "the run finished before it was killed; nothing was tested"
+    assert [p.name for p in ck.list_checkpoints(run_dir)] == ["step_000006", "step_000009"]
+    out = subprocess.run(_cli(out_dir, "killed", "--resume"), check=True, env=env, capture_output=True, text=True)
+    assert "resumed from" in out.stdout and "(step 9)" in out.stdout
+    assert "stopped at step 24: finished all 24 steps" in out.stdout
     ref, got = _records(Path(out_dir) / "ref"), _records(run_dir)
     assert [(k, s) for k, s, _ in got] == [(k, s) for k, s, _ in ref]
     assert got == ref  # bitwise: same losses, gradient norms, routing counts
+
+
+def test_rejected_resume_writes_nothing(out_dir):
+    """A resume whose config does not fit the run's checkpoints fails before touching the run directory."""
+    cfg = _cfg(out_dir, "name=keep", "train.steps=2")
+    run = train(cfg, print_fn=lambda s: None).run_dir
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    bad = apply_overrides(cfg, ["model.moe.num_experts=8"])
+    with pytest.raises(RunError, match="cannot resume"):
+        train(bad, resume=True, run_dir=run, print_fn=lambda s: None)
+    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before
+    assert load_toml(run / "config.toml").model.moe.num_experts == 4
+    with pytest.raises(RunError, match="no checkpoints to resume from"):
+        train(cfg, resume=True, run_dir=Path(out_dir) / "never-trained", print_fn=lambda s: None)
+    assert not (Path(out_dir) / "never-trained").exists()
+
+
+def test_time_budget_applies_to_each_invocation_and_the_stop_reason_is_printed(out_dir):
+    lines = []
+    cfg = _cfg(out_dir, "name=budget", "train.steps=6", "train.max_minutes=1e-9")
+    result = train(cfg, print_fn=lines.append)
+    assert result.step == 1 and result.stop_reason.startswith("time budget")
+    assert any(line.startswith("stopped at step 1: time budget") and "train.max_minutes" in line for line in lines)
+    assert read_metrics(result.run_dir, "end")[-1]["stop"] == result.stop_reason
+    # a checkpoint left by a write that was killed midway is removed when training starts again
+    tmp = result.run_dir / "checkpoints" / ".tmp_step_000002_999999999"
+    tmp.mkdir()
+    # the restored training time (far over the budget) does not count against this invocation's budget
+    comp = build_components(cfg, torch.device("cpu"))
+    trainer = Trainer(apply_overrides(cfg, ["train.max_minutes=1"]), comp, result.run_dir, torch.device("cpu"))
+    trainer.restore()
+    trainer.state.train_seconds = 1e9
+    assert trainer.stop_reason() is None
+    trainer.session_seconds = 61.0
+    assert "time budget" in trainer.stop_reason()
+    again = train(cfg, resume=True, run_dir=result.run_dir, print_fn=lines.append)
+    assert again.step == 2 and not tmp.exists()
+    done = train(apply_overrides(cfg, ["train.max_minutes=0"]), resume=True, run_dir=result.run_dir,
+                 print_fn=lines.append)
+    assert done.step == 6 and lines[-1] == "stopped at step 6: finished all 6 steps"

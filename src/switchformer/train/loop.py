@@ -1,18 +1,24 @@
-"""The single training loop (STYLE.md rule 8): build everything from a RunConfig, train, evaluate, checkpoint.
+"""The training loop: build everything from a RunConfig, then train, evaluate, checkpoint and log.
 
-Flat control flow, no callbacks. One call ``train(cfg)``:
+``train(cfg)`` is a short, flat loop over the named steps of a ``Trainer`` (no callbacks):
 
-1. corpus -> tokenizer (trained and cached under ``<out_dir>/.cache``) -> model (vocab from the tokenizer, rounded
-   up to a multiple of 128) -> optimizer (Adafactor + T5X rsqrt schedule by default, paper.md §3) -> loaders;
-2. for each step: ``grad_accum`` micro-batches (the model's ``out.loss`` = LM loss + alpha * aux, §2.2), a
-   finiteness check (a non-finite loss or gradient stops the run naming the step and the first module whose output
-   is non-finite, or skips the step under ``train.skip_nonfinite``), gradient clipping, the scheduled LR, the update;
-3. every ``eval_every`` steps: validation loss and negative log perplexity (nats, the paper's metric), per-layer
-   tokens per expert, dropped fraction, router entropy; every ``checkpoint_every`` steps an atomic checkpoint.
+1. ``build_components``: corpus -> tokenizer (trained and cached under ``<out_dir>/.cache``) -> model (vocabulary
+   from the tokenizer, rounded up to a multiple of 128) -> loaders; the ``Trainer`` adds the optimizer (Adafactor
+   and the T5X rsqrt schedule by default, paper §3). ``--resume`` restores the newest usable checkpoint *before*
+   anything is written, so a rejected resume leaves the run as it was;
+2. ``Trainer.train_step``: ``grad_accum`` micro-batches (the model's ``out.loss`` = LM loss + alpha * aux, paper
+   §2.2, Eq. 4), a finiteness check (a non-finite loss or gradient stops the run naming the step and the first
+   module whose output is non-finite, or skips the step under ``train.skip_nonfinite``), gradient clipping, the
+   scheduled learning rate, the update;
+3. ``Trainer.log`` every ``log_every`` steps (and at each checkpoint); ``Trainer.evaluate`` every ``eval_every``
+   steps: validation loss and negative log perplexity (nats, the paper's metric), per-layer tokens per expert,
+   dropped fraction, router entropy; ``Trainer.save`` every ``checkpoint_every`` steps, an atomic checkpoint;
+4. the run stops after ``train.steps`` steps or when this invocation has trained ``train.max_minutes``; the
+   console says which (``Trainer.finish``).
 
-Exact resume: the checkpoint holds weights, optimizer, RNG states and the data-loader position; evaluation runs
-under a forked RNG, so a run killed at any point and resumed from its last checkpoint logs the same numbers as one
-that was never interrupted.
+Exact resume: the checkpoint holds weights, optimizer, RNG states and the data-loader position, and evaluation
+runs under a forked RNG, so a run killed at any point and resumed from its last checkpoint logs the same numbers as
+one that was never interrupted. A distributed wrapper can drive the same ``Trainer`` steps.
 
 Run it: ``switchformer train`` (configs/default.toml), or ``python -c "from switchformer.train.loop import train;
 from switchformer.config import load_toml; train(load_toml('configs/tiny_test.toml'))"``.
@@ -23,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +40,8 @@ from typing import Any
 import torch
 
 from switchformer import checkpoint as ck
-from switchformer.config import ModelConfig, RunConfig, to_toml
+from switchformer.config import ModelConfig, RunConfig, round_vocab, to_toml
+from switchformer.errors import CheckpointError, ConfigError, DataError, RunError, SwitchformerError
 from switchformer.metrics import (
     MetricsLogger,
     RouterEntropyProbe,
@@ -44,8 +53,14 @@ from switchformer.metrics import (
 from switchformer.train.losses import token_nll
 from switchformer.train.optim import build_optimizer, lr_at, set_lr
 
+KILL_AFTER_STEP_ENV = "SWITCHFORMER_TEST_KILL_AFTER_STEP"
+"""Test hook: set to N, the training process SIGKILLs itself after step N's log and eval records are written and
+before its checkpoint is saved: the crash an exact resume must survive, at a step a test chooses."""
 
-class NonFiniteLossError(FloatingPointError):
+TRAIN_EXTRA = "pip install 'switchformer[train]'"
+
+
+class NonFiniteLossError(SwitchformerError, FloatingPointError):
     """The loss (or gradient) became NaN/inf; the message names the step and the first offending module."""
 
 
@@ -63,25 +78,67 @@ class Components:
 
 @dataclass
 class TrainResult:
-    """Outcome of ``train``: the run directory, last step, final eval record and the eval history."""
+    """Outcome of ``train``: the run directory, last step, final eval record, the eval history, the total training
+    time (all invocations) and why the run stopped."""
 
     run_dir: Path
     step: int
     final_eval: dict
     evals: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    stop_reason: str = ""
 
 
-def round_vocab(n: int, multiple: int = 128) -> int:
-    """Embedding rows for a tokenizer of ``n`` ids: rounded up to a multiple of 128 (as T5's 32128)."""
-    return ((n + multiple - 1) // multiple) * multiple
+@dataclass
+class TrainState:
+    """The counters a checkpoint carries from one invocation to the next."""
+
+    step: int = 0
+    """Optimizer steps done (skipped non-finite steps count)."""
+    train_seconds: float = 0.0
+    """Training wall time over every invocation (evaluation and checkpointing excluded)."""
+    tokens_seen: int = 0
+    """Real tokens processed (encoder plus decoder)."""
+    skipped: int = 0
+    """Steps skipped for a non-finite loss or gradient (``train.skip_nonfinite``)."""
+
+
+@dataclass
+class StepOutcome:
+    """What one ``Trainer.train_step`` did."""
+
+    loss: float
+    """Training loss (with the auxiliary losses), mean over the micro-batches."""
+    lm_loss: float
+    """Language-model loss alone."""
+    grad_norm: float
+    """Global gradient norm before clipping (NaN when the loss was non-finite)."""
+    seconds: float
+    """Wall time of the step."""
+    nonfinite: str | None = None
+    """'loss' or 'gradient' when the update was skipped, else None."""
+
+
+@dataclass
+class LogWindow:
+    """Training metrics accumulated between two 'train' records."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    router: RouterStats = field(default_factory=RouterStats)
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device = {name!r} is not a device ({e}); use 'auto', 'cpu' or 'cuda[:N]'") from None
 
 
 def build_components(cfg: RunConfig, device: torch.device) -> Components:
@@ -101,7 +158,7 @@ def build_components(cfg: RunConfig, device: torch.device) -> Components:
     # the same fixed batches at every evaluation (the start of the validation split)
     val_batches = list(val_loader.epoch_batches(cfg.train.eval_batches))
     if not val_batches:
-        raise ValueError("the validation split produced no batch: raise data.val_fraction or use a larger corpus")
+        raise DataError("the validation split produced no batch: raise data.val_fraction or use a larger corpus")
     summary = corpus.summary() if hasattr(corpus, "summary") else ""
     return Components(model, model_cfg, tok, train_loader, val_batches, summary)
 
@@ -124,7 +181,7 @@ def _iter_forever(loader) -> Iterator[dict[str, torch.Tensor]]:
             empty = False
             yield batch
         if empty:
-            raise ValueError("the training loader produced no batch: the corpus is too small for one batch")
+            raise DataError("the training loader produced no batch: the corpus is too small for one batch")
 
 
 def _nonfinite(x: Any) -> bool:
@@ -165,6 +222,14 @@ def first_nonfinite_module(model: torch.nn.Module, run: Callable[[], Any]) -> st
     return hits[0] if hits else None
 
 
+def routed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, tuple[float, int]]:
+    """``model(**batch)`` and its router entropy ``(sum, real-token rows)``: the one measurement that training
+    logs and evaluation share (see ``switchformer.metrics``)."""
+    with RouterEntropyProbe(model) as probe:
+        out = model(**batch)
+    return out, probe.sums()
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, precision: str = "float32"
@@ -172,7 +237,7 @@ def evaluate(
     """Validation metrics over ``batches`` (eval mode: no jitter/dropout, eval capacity factor).
 
     Returns:
-        dict with val_loss (nats per target token), neg_log_perplexity (= -val_loss, paper.md §3 footnote 4),
+        dict with val_loss (nats per target token), neg_log_perplexity (= -val_loss, paper §3, footnote 4),
         val_ppl, drop_fraction, router_entropy, load_entropy, tokens_per_expert {layer: [E]}.
     """
     was_training = model.training
@@ -181,26 +246,23 @@ def evaluate(
     n_tokens = 0
     stats = RouterStats()
     # fork the RNG so evaluating never shifts the training random stream (exact resume)
-    probe = RouterEntropyProbe(model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), probe:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for batch in batches:
             batch = _to(batch, device)
             with _autocast(device, precision):
-                out = model(**batch)
+                out, entropy = routed_forward(model, batch)
             if "decoder_input_ids" in batch:  # encoder-decoder: labels align with the decoder's logits
                 nll, n = token_nll(out.logits, batch["labels"])
             else:  # decoder-only: labels align with input_ids; position t predicts label t + 1
                 nll, n = token_nll(out.logits[:, :-1], batch["labels"][:, 1:])
             nll_sum += nll.double().cpu()
             n_tokens += int(n)
-            stats.add(getattr(out, "router", None))
+            stats.add(getattr(out, "router", None), entropy)
     model.train(was_training)
     val_loss = float(nll_sum) / max(n_tokens, 1)
     rec = {"val_loss": val_loss, "neg_log_perplexity": -val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     rec["val_tokens"] = n_tokens
     rec.update(stats.summary())
-    if probe.mean() is not None:
-        rec["router_entropy"] = probe.mean()
     return rec
 
 
@@ -213,6 +275,233 @@ def _unique_run_dir(cfg: RunConfig) -> Path:
     while (Path(cfg.out_dir) / f"{cfg.name}-{i}").exists():
         i += 1
     return Path(cfg.out_dir) / f"{cfg.name}-{i}"
+
+
+def _progress_bar(total: int, initial: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ModuleNotFoundError(f"the progress bar needs tqdm: {TRAIN_EXTRA} (or train.progress=false)") from None
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+class Trainer:
+    """One run's model, optimizer, data and counters, and the named steps of the training loop.
+
+    ``train`` drives it; a distributed wrapper can drive the same steps (reduce gradients inside ``train_step``,
+    save and log on one rank). Nothing is written to the run directory before ``start``.
+    """
+
+    def __init__(self, cfg: RunConfig, comp: Components, run_dir: Path, device: torch.device,
+                 print_fn: Callable[[str], None] = print) -> None:
+        self.cfg, self.tc, self.comp = cfg, cfg.train, comp
+        self.run_dir, self.device, self.print_fn = Path(run_dir), device, print_fn
+        self.model = comp.model
+        self.optimizer = build_optimizer(comp.model, cfg.optim)
+        self.run_cfg = dataclasses.replace(cfg, model=comp.model_cfg)
+        self.state = TrainState()
+        self.evals: list[dict] = []
+        self.window = LogWindow()
+        self.session_seconds = 0.0  # training time of this invocation: what train.max_minutes limits
+        self.grad_norm = float("nan")
+        self.logger: MetricsLogger | None = None
+        self.bar = None
+        self.resumed_from: Path | None = None
+        self._batches = _iter_forever(comp.train_loader)
+
+    @property
+    def last_eval(self) -> dict:
+        return self.evals[-1] if self.evals else {}
+
+    def say(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else self.print_fn)(text)
+
+    def restore(self) -> None:
+        """Load the newest usable checkpoint: weights, optimizer, RNG states, data position and counters. Writes
+        nothing, so a checkpoint that does not fit this config leaves the run untouched.
+
+        Raises:
+            RunError: no checkpoint fits the model of this config.
+        """
+        try:
+            loaded = ck.load_latest(self.run_dir, self.model, self.optimizer)
+        except CheckpointError as e:
+            if not ck.list_checkpoints(self.run_dir):
+                raise RunError(f"{self.run_dir} has no checkpoint to resume from; train it without --resume") from e
+            raise RunError(f"cannot resume {self.run_dir} with this config: {e}; resume with the run's own "
+                           f"model settings ({self.run_dir / 'config.toml'})") from e
+        s = loaded.state
+        self.state = TrainState(step=loaded.step, train_seconds=float(s.get("train_seconds", 0.0)),
+                                tokens_seen=int(s.get("tokens_seen", 0)), skipped=int(s.get("skipped_steps", 0)))
+        if s.get("data") is not None and hasattr(self.comp.train_loader, "load_state_dict"):
+            self.comp.train_loader.load_state_dict(s["data"])
+        self.resumed_from = loaded.path
+
+    def start(self, setup_seconds: float = 0.0) -> None:
+        """Write the run's config and tokenizer, clean up after a kill, and open the metrics log."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        removed = ck.clean_incomplete(self.run_dir)
+        if removed:
+            self.print_fn(f"removed {len(removed)} incomplete checkpoint write(s) left by an interrupted run")
+        ck.write_text_atomic(self.run_dir / "config.toml", to_toml(self.run_cfg))
+        if self.comp.tokenizer is not None and hasattr(self.comp.tokenizer, "save"):
+            self.comp.tokenizer.save(self.run_dir / "tokenizer")
+        n_params = sum(p.numel() for p in self.model.parameters())
+        mc = self.comp.model_cfg
+        kind = f"Switch, {mc.moe.num_experts} experts" if mc.is_sparse else "dense"
+        self.print_fn(f"run {self.run_dir}: {mc.arch} ({kind}), {n_params / 1e6:.2f}M parameters, vocab "
+                      f"{mc.vocab_size}; setup {setup_seconds:.0f}s")
+        if self.resumed_from is not None:
+            truncate_metrics(self.run_dir, self.state.step)  # records written after the checkpoint
+            self.evals = read_metrics(self.run_dir, "eval")
+            self.print_fn(f"resumed from {self.resumed_from} (step {self.state.step})")
+        self.logger = MetricsLogger(self.run_dir, tensorboard=self.tc.tensorboard)
+        if self.resumed_from is None:
+            self.logger.log({"kind": "meta", "step": 0, "run": self.run_dir.name, "params": n_params,
+                             "arch": mc.arch, "corpus": self.comp.corpus_summary})
+        if self.tc.progress:
+            self.bar = _progress_bar(self.tc.steps, self.state.step, self.run_dir.name)
+        self.model.train()
+
+    def next_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The ``grad_accum`` micro-batches of the next step, on the device."""
+        return [_to(next(self._batches), self.device) for _ in range(self.tc.grad_accum)]
+
+    def train_step(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
+        """One optimizer step over ``micro``: forward and backward per micro-batch, finiteness check, gradient
+        clipping, the scheduled learning rate and the update; advances the counters and the log window.
+
+        Raises:
+            NonFiniteLossError: a non-finite loss or gradient, unless ``train.skip_nonfinite`` (then the update is
+                skipped; the step still counts, so the schedule and data order stay those of the run plan).
+        """
+        tc, step = self.tc, self.state.step
+        t0 = time.perf_counter()
+        rng_before = torch.get_rng_state()
+        loss_sum, lm_sum = 0.0, 0.0
+        nonfinite = None
+        for batch in micro:
+            with _autocast(self.device, tc.precision):
+                out, entropy = routed_forward(self.model, batch)
+            if not torch.isfinite(out.loss.detach()):
+                nonfinite = "loss"
+                break
+            (out.loss / tc.grad_accum).backward()
+            loss_sum += float(out.loss.detach()) / tc.grad_accum
+            lm = getattr(out, "lm_loss", None)
+            lm_sum += float(lm.detach() if lm is not None else out.loss.detach()) / tc.grad_accum
+            self.window.router.add(getattr(out, "router", None), entropy)
+            self.window.tokens += batch_tokens(batch)
+        self.grad_norm = float("nan")
+        if nonfinite is None:
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")  # inf: measure
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            if not math.isfinite(self.grad_norm):
+                nonfinite = "gradient"
+        if nonfinite is None:
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, tc.steps))
+            self.optimizer.step()
+        else:
+            self._nonfinite_step(micro, rng_before, nonfinite)
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        self.state.step += 1
+        self.state.train_seconds += dt
+        self.state.tokens_seen += sum(batch_tokens(b) for b in micro)
+        self.session_seconds += dt
+        w = self.window
+        w.steps, w.seconds, w.loss, w.lm_loss = w.steps + 1, w.seconds + dt, w.loss + loss_sum, w.lm_loss + lm_sum
+        if self.bar is not None:
+            self.bar.update(1)
+        return StepOutcome(loss_sum, lm_sum, self.grad_norm, dt, nonfinite)
+
+    def _nonfinite_step(self, micro: list[dict[str, torch.Tensor]], rng_before: torch.Tensor, what: str) -> None:
+        step = self.state.step + 1
+        where = _locate_nonfinite(self.model, micro, rng_before, self.device, self.tc.precision, what)
+        if not self.tc.skip_nonfinite:
+            self.logger.log({"kind": "error", "step": step, "error": f"non-finite {what}", "where": where})
+            self.close()
+            raise NonFiniteLossError(f"non-finite {what} at step {step}: first non-finite output in {where} "
+                                     "(set train.skip_nonfinite=true to skip such steps)")
+        self.state.skipped += 1
+        self.say(f"step {step}: non-finite {what} ({where}); step skipped")
+        self.logger.log({"kind": "skip", "step": step, "error": f"non-finite {what}", "where": where})
+
+    def stop_reason(self) -> str | None:
+        """Why the run stops after the current step, or None to go on."""
+        if self.state.step >= self.tc.steps:
+            return f"finished all {self.tc.steps} steps"
+        if self.tc.max_minutes > 0 and self.session_seconds >= self.tc.max_minutes * 60:
+            return (f"time budget: this invocation trained {self.session_seconds / 60:.1f} min "
+                    f"(train.max_minutes={self.tc.max_minutes:g}); --resume continues the run")
+        return None
+
+    def log(self) -> dict:
+        """Write the 'train' record of the steps since the last one, and start a new window."""
+        w, step = self.window, self.state.step
+        rs = w.router.summary()
+        n = max(w.steps, 1)
+        rec = {"kind": "train", "step": step, "loss": w.loss / n, "lm_loss": w.lm_loss / n,
+               "lr": lr_at(step - 1, self.cfg.optim, self.tc.steps), "grad_norm": self.grad_norm,
+               "tokens_per_s": w.tokens / max(w.seconds, 1e-9), "train_seconds": self.state.train_seconds,
+               "tokens_seen": self.state.tokens_seen, "drop_fraction": rs.get("drop_fraction", 0.0),
+               "load_balancing_loss": rs.get("load_balancing_loss", 0.0),
+               "router_entropy": rs.get("router_entropy", 0.0)}
+        self.logger.log(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                 drop=f"{rec['drop_fraction']:.3f}", refresh=False)
+        self.window = LogWindow()
+        return rec
+
+    def evaluate(self) -> dict:
+        """Evaluate on the fixed validation batches, log the 'eval' record and print one line."""
+        ev = evaluate(self.model, self.comp.val_batches, self.device, self.tc.precision)
+        s = self.state
+        ev.update({"kind": "eval", "step": s.step, "train_seconds": s.train_seconds, "tokens_seen": s.tokens_seen})
+        self.logger.log(ev)
+        self.evals.append(ev)
+        drop = f", dropped {ev['drop_fraction']:.2%}" if "drop_fraction" in ev else ""
+        self.say(f"step {s.step:>6}  val loss {ev['val_loss']:.4f}  neg log perplexity "
+                 f"{ev['neg_log_perplexity']:.4f}{drop}  ({s.train_seconds:.0f}s)")
+        return ev
+
+    def save(self) -> Path:
+        """Write an atomic checkpoint of the current step (keeping the newest ``train.keep_checkpoints``)."""
+        s, tc, loader = self.state, self.tc, self.comp.train_loader
+        state = {"train_seconds": s.train_seconds, "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped,
+                 "lr": lr_at(s.step - 1, self.cfg.optim, tc.steps), "schedule": self.cfg.optim.schedule,
+                 "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
+                 "last_eval": {k: v for k, v in self.last_eval.items() if k != "tokens_per_expert"}}
+        return ck.save_checkpoint(self.run_dir, s.step, self.model, self.optimizer, state, to_toml(self.run_cfg),
+                                  keep=tc.keep_checkpoints)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.logger is not None:
+            self.logger.close()
+
+    def finish(self, reason: str) -> TrainResult:
+        """Close the run: say why it stopped, write the 'end' record, and draw the plots."""
+        s = self.state
+        self.logger.log({"kind": "end", "step": s.step, "train_seconds": s.train_seconds, "stop": reason})
+        self.close()
+        self.print_fn(f"stopped at step {s.step}: {reason}")
+        if self.tc.plots:
+            try:
+                from switchformer.plot import plot_run
+
+                plot_run(self.run_dir)
+            except Exception as e:  # plotting must never lose a finished run
+                self.print_fn(f"warning: plotting failed: {e}")
+        return TrainResult(self.run_dir, s.step, self.last_eval, self.evals, s.train_seconds, reason)
+
+
+def _kill_step() -> int | None:
+    value = os.environ.get(KILL_AFTER_STEP_ENV)
+    return int(value) if value else None
 
 
 def train(
@@ -234,15 +523,14 @@ def train(
 
     Raises:
         NonFiniteLossError: a non-finite loss or gradient (unless ``cfg.train.skip_nonfinite``).
-        CheckpointError: ``resume`` and no usable checkpoint.
+        RunError: ``resume`` and no checkpoint fits this config (nothing was written to the run then).
     """
     tc = cfg.train
-    if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
-        raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
     if run_dir is None:
         run_dir = Path(cfg.out_dir) / cfg.name if resume else _unique_run_dir(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and not (run_dir / "checkpoints").is_dir():
+        raise RunError(f"{run_dir} has no checkpoints to resume from; train it without --resume")
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     device = resolve_device(tc.device)
@@ -250,157 +538,30 @@ def train(
         print_fn("warning: train.precision=bfloat16 on CPU; without native bf16 matmuls this is much slower")
 
     t_setup = time.perf_counter()
-    comp = components or build_components(cfg, device)
-    model, optimizer = comp.model, build_optimizer(comp.model, cfg.optim)
-    run_cfg = dataclasses.replace(cfg, model=comp.model_cfg)
-    (run_dir / "config.toml").write_text(to_toml(run_cfg))
-    if comp.tokenizer is not None and hasattr(comp.tokenizer, "save"):
-        comp.tokenizer.save(run_dir / "tokenizer")
-    n_params = sum(p.numel() for p in model.parameters())
-    mc = comp.model_cfg
-    kind = f"Switch, {mc.moe.num_experts} experts" if mc.is_sparse else "dense"
-    print_fn(f"run {run_dir}: {mc.arch} ({kind}), {n_params / 1e6:.2f}M parameters, vocab {mc.vocab_size}; "
-             f"setup {time.perf_counter() - t_setup:.0f}s")
-
-    step, train_seconds, tokens_seen = 0, 0.0, 0
+    trainer = Trainer(cfg, components or build_components(cfg, device), run_dir, device, print_fn)
     if resume:
-        loaded = ck.load_latest(run_dir, model, optimizer)
-        step = loaded.step
-        train_seconds = float(loaded.state.get("train_seconds", 0.0))
-        tokens_seen = int(loaded.state.get("tokens_seen", 0))
-        if loaded.state.get("data") is not None and hasattr(comp.train_loader, "load_state_dict"):
-            comp.train_loader.load_state_dict(loaded.state["data"])
-        truncate_metrics(run_dir, step)
-        print_fn(f"resumed from {loaded.path} (step {step})")
+        trainer.restore()
     else:
         torch.manual_seed(tc.seed)  # dropout and jitter stream; the init already used it in build_components
-    logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard)
-    if not resume:
-        logger.log({"kind": "meta", "step": 0, "run": run_dir.name, "params": n_params,
-                    "arch": comp.model_cfg.arch, "corpus": comp.corpus_summary})
-    evals = read_metrics(run_dir, "eval") if resume else []
+    trainer.start(time.perf_counter() - t_setup)
+    kill_at = _kill_step()
 
-    batches = _iter_forever(comp.train_loader)
-    model.train()
-    bar = None
-    if tc.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.steps, initial=step, desc=run_dir.name, dynamic_ncols=True)
-    say = bar.write if bar is not None else print_fn
-    window_tokens, window_time, window_loss, window_lm, window_n = 0, 0.0, 0.0, 0.0, 0
-    window_stats = RouterStats()
-    last_eval: dict = evals[-1] if evals else {}
-    skipped = 0
-    stop_reason = "steps"
-
-    while step < tc.steps:
-        t0 = time.perf_counter()
-        rng_before = torch.get_rng_state()
-        micro = [_to(next(batches), device) for _ in range(tc.grad_accum)]
-        loss_sum, lm_sum = 0.0, 0.0
-        nonfinite_at = None
-        for batch in micro:
-            with _autocast(device, tc.precision):
-                out = model(**batch)
-            loss = out.loss / tc.grad_accum
-            if not torch.isfinite(out.loss.detach()):
-                nonfinite_at = "loss"
-                break
-            loss.backward()
-            loss_sum += float(out.loss.detach()) / tc.grad_accum
-            lm = getattr(out, "lm_loss", None)
-            lm_sum += float(lm.detach() if lm is not None else out.loss.detach()) / tc.grad_accum
-            window_stats.add(getattr(out, "router", None))
-            window_tokens += batch_tokens(batch)
-        grad_norm = float("nan")
-        if nonfinite_at is None:
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # inf: measure only
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            if not math.isfinite(grad_norm):
-                nonfinite_at = "gradient"
-        if nonfinite_at is not None:
-            where = _locate_nonfinite(model, micro, rng_before, device, tc.precision, nonfinite_at)
-            optimizer.zero_grad(set_to_none=True)
-            if not tc.skip_nonfinite:
-                logger.log({"kind": "error", "step": step + 1, "error": f"non-finite {nonfinite_at}", "where": where})
-                logger.close()
-                if bar is not None:
-                    bar.close()
-                raise NonFiniteLossError(
-                    f"non-finite {nonfinite_at} at step {step + 1}: first non-finite output in {where} "
-                    "(set train.skip_nonfinite=true to skip such steps)"
-                )
-            skipped += 1
-            say(f"step {step + 1}: non-finite {nonfinite_at} ({where}); step skipped")
-            logger.log({"kind": "skip", "step": step + 1, "error": f"non-finite {nonfinite_at}", "where": where})
-            # a skipped step still counts, so the schedule and data order stay those of the run plan
-        else:
-            set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        window_time += dt
-        window_loss += loss_sum
-        window_lm += lm_sum
-        window_n += 1
-        tokens_seen += sum(batch_tokens(b) for b in micro)
-
-        last_step = step == tc.steps
-        over_time = tc.max_minutes > 0 and train_seconds >= tc.max_minutes * 60
-        ckpt_due = (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0) or last_step or over_time
+    stop = trainer.stop_reason()
+    while stop is None:
+        trainer.train_step(trainer.next_batches())
+        stop = trainer.stop_reason()
+        step = trainer.state.step
+        checkpoint_due = stop is not None or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0)
         # a log window also closes at every checkpoint, so a resumed run's windows match the uninterrupted run's
-        if step % tc.log_every == 0 or ckpt_due:
-            rs = window_stats.summary()
-            rec = {"kind": "train", "step": step, "loss": window_loss / max(window_n, 1),
-                   "lm_loss": window_lm / max(window_n, 1),
-                   "lr": lr_at(step - 1, cfg.optim, tc.steps), "grad_norm": grad_norm,
-                   "tokens_per_s": window_tokens / max(window_time, 1e-9), "train_seconds": train_seconds,
-                   "tokens_seen": tokens_seen, "drop_fraction": rs.get("drop_fraction", 0.0),
-                   "load_balancing_loss": rs.get("load_balancing_loss", 0.0),
-                   "router_entropy": rs.get("router_entropy", 0.0)}
-            logger.log(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                drop=f"{rec['drop_fraction']:.3f}", refresh=False)
-            window_tokens, window_time, window_loss, window_lm, window_n = 0, 0.0, 0.0, 0.0, 0
-            window_stats = RouterStats()
-        if bar is not None:
-            bar.update(1)
-
-        if step % tc.eval_every == 0 or last_step or over_time:
-            ev = evaluate(model, comp.val_batches, device, tc.precision)
-            ev.update({"kind": "eval", "step": step, "train_seconds": train_seconds, "tokens_seen": tokens_seen})
-            logger.log(ev)
-            evals.append(ev)
-            last_eval = ev
-            drop = f", dropped {ev['drop_fraction']:.2%}" if "drop_fraction" in ev else ""
-            say(f"step {step:>6}  val loss {ev['val_loss']:.4f}  neg log perplexity {ev['neg_log_perplexity']:.4f}"
-                f"{drop}  ({train_seconds:.0f}s)")
-        if ckpt_due:
-            state = {"train_seconds": train_seconds, "tokens_seen": tokens_seen, "skipped_steps": skipped,
-                     "lr": lr_at(step - 1, cfg.optim, tc.steps), "schedule": cfg.optim.schedule,
-                     "data": comp.train_loader.state_dict() if hasattr(comp.train_loader, "state_dict") else None,
-                     "last_eval": {k: v for k, v in last_eval.items() if k != "tokens_per_expert"}}
-            ck.save_checkpoint(run_dir, step, model, optimizer, state, to_toml(run_cfg), keep=tc.keep_checkpoints)
-        if over_time and not last_step:
-            stop_reason = f"time budget ({tc.max_minutes} min)"
-            break
-
-    if bar is not None:
-        bar.close()
-    logger.log({"kind": "end", "step": step, "train_seconds": train_seconds, "stop": stop_reason})
-    logger.close()
-    if tc.plots:
-        try:
-            from switchformer.plot import plot_run
-
-            plot_run(run_dir)
-        except Exception as e:  # plotting must never lose a finished run
-            print_fn(f"warning: plotting failed: {e}")
-    return TrainResult(run_dir, step, last_eval, evals, train_seconds)
+        if step % tc.log_every == 0 or checkpoint_due:
+            trainer.log()
+        if step % tc.eval_every == 0 or stop is not None:
+            trainer.evaluate()
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if checkpoint_due:
+            trainer.save()
+    return trainer.finish(stop)
 
 
 def _locate_nonfinite(
