@@ -222,7 +222,7 @@ def test_from_transformers_in_memory(hf_dir):
 
 
 def test_sparse_layout_comes_from_the_weights(hf_dir):
-    """switch-c-2048's config.json says decoder_sparse_step 0 although its decoder has experts (anchors.md §4)."""
+    """switch-c-2048's config.json says decoder_sparse_step 0 although its decoder has experts: weights win."""
     hf_model, d = hf_dir(seed=7, expert_capacity=5)
     raw = json.loads((d / "config.json").read_text())
     raw.update(decoder_sparse_step=0, encoder_sparse_step=1)  # both wrong: the weights have block 1 sparse

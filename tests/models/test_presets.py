@@ -18,7 +18,7 @@ from switchformer.models.presets import (
 
 
 def test_switch_base_8_exact():
-    assert count_parameters("switch-base-8") == 619_339_008  # anchors.md §4, derived from transformers' layout
+    assert count_parameters("switch-base-8") == 619_339_008  # golden: google/switch-base-8's transformers layout
 
 
 @pytest.mark.parametrize("n,published", [(16, 1.1), (32, 2.0), (64, 3.8), (128, 7.4), (256, 14.7)])

@@ -20,6 +20,7 @@ from switchformer.config import ModelConfig, is_sparse_block
 from switchformer.dtypes import parse_dtype
 from switchformer.errors import CheckpointError
 from switchformer.interop.files import FORMAT_VERSION
+from switchformer.models.presets import RELEASED_EXPERT_CAPACITY
 
 __all__ = [
     "HF_ARCHITECTURE",
@@ -36,9 +37,6 @@ HF_MODEL_TYPE = "switch_transformers"
 HF_ARCHITECTURE = "SwitchTransformersForConditionalGeneration"
 MARKER = "switchformer"
 """Key of config.json that holds switchformer's own ModelConfig (transformers keeps unknown keys and ignores them)."""
-RELEASED_EXPERT_CAPACITY = 64
-"""Per-sequence expert capacity of the released Switch checkpoints (google/switch-base-*); written for models routed
-with capacity factors, which transformers cannot express."""
 
 
 def sparse_blocks(num_layers: int, step: int) -> list[int]:
@@ -290,7 +288,7 @@ def config_to_hf(cfg: ModelConfig, *, expert_capacity: int | None = None) -> dic
     Args:
         cfg: the model config (``arch`` must be 'encoder_decoder').
         expert_capacity: per-sequence capacity to write; default ``cfg.moe.expert_capacity`` or, for models
-            routed with capacity factors, :data:`RELEASED_EXPERT_CAPACITY`.
+            routed with capacity factors (which transformers cannot express), the released checkpoints' 64.
 
     Returns:
         A JSON-serialisable dict.

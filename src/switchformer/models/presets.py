@@ -5,11 +5,10 @@
     count_parameters(cfg)          # 619_339_008, built on the meta device (no memory)
     print(describe("switch-base-8"))   # what `switchformer info switch-base-8` prints
 
-Table 9 rows (paper.md §2) are kept as published (``t5-base`` ... ``switch-c``, GEGLU where the table says so); the
-released checkpoints (``switch-base-8`` ... ``switch-c-2048``) follow the transformers / flaxformer configs
-(anchors.md §4; flaxformer ``switch_{base,large,xxl,c}.gin``): ReLU with d_ff 3072 (base) / 4096 (large), GEGLU
-10240 and a separate output layer for XXL, 30 heads and a separate output layer for C. docs/models.md compares the
-counts with the published ones.
+The rows of paper Table 9 are kept as published (``t5-base`` ... ``switch-c``, GEGLU where the table says so); the
+released checkpoints (``switch-base-8`` ... ``switch-c-2048``) follow their Hub config.json files and flaxformer's
+``switch_{base,large,xxl,c}.gin``: ReLU with d_ff 3072 (base) / 4096 (large), GEGLU 10240 and a separate output layer
+for XXL, 30 heads and a separate output layer for C. docs/models.md compares the counts with the published ones.
 """
 
 from __future__ import annotations
@@ -19,9 +18,14 @@ import dataclasses
 from switchformer.config import ModelConfig, MoEConfig, is_sparse_block
 from switchformer.models.build import build_model
 
-# Sequence lengths of Table 9's "FLOPs/seq": T5X span-corruption inputs 512 / targets 114 (paper.md §3).
+# Sequence lengths for Table 9's "FLOPs/seq": the paper does not state them; these are T5X's C4 span-corruption
+# defaults (inputs 512 / targets 114, t5x base_c4_pretrain.gin).
 DEFAULT_INPUT_LENGTH = 512
 DEFAULT_TARGET_LENGTH = 114
+# Router settings of the released checkpoints (google/switch-base-* config.json): a fixed per-sequence expert capacity
+# and the coefficient of both the load-balancing and the z-loss.
+RELEASED_EXPERT_CAPACITY = 64
+RELEASED_ROUTER_LOSS_COEF = 0.001
 
 
 def _cfg(moe_experts: int = 8, **kw) -> ModelConfig:
@@ -64,15 +68,14 @@ PRESETS: dict[str, ModelConfig] = {
     "switch-c-2048": _cfg(2048, d_model=2080, d_ff=6144, d_kv=64, num_heads=30, num_layers=15, num_decoder_layers=15,
                           encoder_sparse_step=1, decoder_sparse_step=1, tie_word_embeddings=False),
 }
-# Released checkpoints' router settings (anchors.md §4): fixed per-sequence capacity 64, aux/z coefficients 0.001.
 for _name in list(PRESETS):
     if _name.startswith("switch-base-"):
-        PRESETS[_name].moe.expert_capacity = 64
-        PRESETS[_name].aux_loss_coef = 0.001
-        PRESETS[_name].z_loss_coef = 0.001
+        PRESETS[_name].moe.expert_capacity = RELEASED_EXPERT_CAPACITY
+        PRESETS[_name].aux_loss_coef = RELEASED_ROUTER_LOSS_COEF
+        PRESETS[_name].z_loss_coef = RELEASED_ROUTER_LOSS_COEF
 
-# Published numbers: Table 9 (params, FLOPs/seq), Table 7 / §2 parameter check (switch-base-N), anchors.md §4 (exact
-# switch-base-8 count), Tables 6/8 (T5-Base 223M, Switch-Base 7410M).
+# Published numbers: paper Table 9 (params, FLOPs/seq), Table 7 (switch-base-N), the exact count of
+# google/switch-base-8's weights, Tables 6/8 (T5-Base 223M, Switch-Base 7410M).
 PUBLISHED: dict[str, dict[str, float]] = {
     "t5-base": {"params": 0.2e9, "params_precise": 223e6, "flops_per_seq": 124e9},
     "t5-large": {"params": 0.7e9, "flops_per_seq": 425e9},
