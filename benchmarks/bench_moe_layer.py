@@ -1,17 +1,23 @@
-"""Benchmark SwitchFFN against a FLOP-matched dense FFN, the one-hot einsum oracle, and transformers' layer.
+"""Benchmark SwitchFFN against a FLOP-matched dense FFN and transformers' layer (optionally the one-hot einsum
+oracle and a routing/experts profile split).
 
-    python benchmarks/bench_moe_layer.py            # the issue's setting: 16 x 512 tokens, d_model 512, d_ff 2048
-    python benchmarks/bench_moe_layer.py --quick    # a small smoke run (the README's `make demo`)
+    python benchmarks/bench_moe_layer.py --threads 2   # 16 x 512 tokens, d_model 512, d_ff 2048, E = 8, 32, 128
+    python benchmarks/bench_moe_layer.py --all         # also capacity factor 1.0, the oracle and the profile split
+    python benchmarks/bench_moe_layer.py --quick       # a small smoke run
+
+The process is a user's plain process: nothing is set up before the layers are built, so the layer runs with its
+defaults (a CPU ``SwitchFFN`` applies ``switchformer.runtime``'s allocator setting when it is built, which then
+holds for every contestant alike; ``--malloc-tuning off`` measures the documented opt-out instead).
 
 Every contestant processes the same tokens: the dense FFN has the d_ff of one expert (equal FLOPs per token);
-ours runs at capacity factor 1.0 and dropless; transformers' SwitchTransformersSparseMLP runs with
-``expert_capacity`` = sequence length so it drops nothing, against our dropless layer. Timings are medians of
-interleaved repetitions (the machine is shared and noisy: compare ratios from one run, not absolute times).
-Activation memory is the bytes autograd saves for backward (parameters excluded), measured with
-``torch.autograd.graph.saved_tensors_hooks``. The profile splits our forward+backward into expert matmuls and
-everything else (routing, sorting, gathering, scattering), by timing the experts alone on pre-dispatched tokens.
+transformers' SwitchTransformersSparseMLP runs with ``expert_capacity`` = sequence length so it drops nothing,
+against our dropless layer. Timings are medians of interleaved repetitions (the machine may be shared: compare
+ratios from one run, not absolute times). Activation memory is the bytes autograd saves for backward (parameters
+excluded), measured with ``torch.autograd.graph.saved_tensors_hooks``. With ``--all`` the profile splits our
+forward+backward into expert matmuls and everything else (routing, sorting, gathering, scattering), by timing the
+experts alone on pre-dispatched tokens.
 
-Writes ``benchmarks/results/moe_layer_<device>_<date>.{md,json}``.
+Writes ``benchmarks/results/moe_layer_<device>_<date>.{md,json}``: measurements only.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -28,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from switchformer import runtime
 from switchformer.moe import SwitchFFN, einsum_switch_reference, expert_capacity, plan_routing
-from switchformer.runtime import reuse_freed_memory
 
 
 class DenseFFN(nn.Module):
@@ -142,24 +149,27 @@ def dispatched_for_experts(layer: SwitchFFN, x):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
+    ap.add_argument("--all", action="store_true",
+                    help="also time capacity factor 1.0, the one-hot einsum oracle and the experts alone")
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions per contestant")
     ap.add_argument("--experts", type=int, nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc's default (fresh mmap pages for every tensor over 32 MB); by default the "
-                         "benchmark process reuses freed memory, for every contestant alike (switchformer.runtime)")
+    ap.add_argument("--malloc-tuning", choices=("auto", "off"), default="auto",
+                    help="auto: the layer's default (switchformer.runtime applies its allocator setting when a CPU "
+                         "layer is built); off: the documented opt-out, glibc's defaults")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_reuse = False if args.default_malloc else reuse_freed_memory()
+    if args.malloc_tuning == "off":
+        os.environ[runtime.ENV_VAR] = "0"
 
     torch.manual_seed(0)
     if args.quick:
         batch, seq, d_model, d_ff, experts, reps = 4, 128, 128, 512, args.experts or [1, 8], min(args.reps, 3)
     else:
-        batch, seq, d_model, d_ff, experts, reps = 16, 512, 512, 2048, args.experts or [1, 8, 32, 128], args.reps
+        batch, seq, d_model, d_ff, experts, reps = 16, 512, 512, 2048, args.experts or [8, 32, 128], args.reps
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # The input requires grad, as a layer inside a model does: every contestant computes its input gradient.
@@ -172,17 +182,19 @@ def main() -> None:
     rows = []
     dense = DenseFFN(d_model, d_ff).to(device, dtype)
     for E in experts:
-        ours_cf1 = SwitchFFN(d_model, d_ff, E, capacity_factor=1.0).to(device, dtype)
         ours_dropless = SwitchFFN(d_model, d_ff, E, capacity_factor=None).to(device, dtype)
-        ours_dropless.load_state_dict(ours_cf1.state_dict())
-        contestants = {"dense": dense, "ours_cf1.0": ours_cf1, "ours_dropless": ours_dropless,
-                       "oracle_einsum": OracleFFN(ours_cf1, seq)}
+        contestants = {"dense": dense, "ours_dropless": ours_dropless}
         hf = hf_layer(d_model, d_ff, E, seq, like=ours_dropless)
         if hf is not None:
             hf = hf.to(device, dtype)
             contestants["transformers"] = hf
-        xin, counts = dispatched_for_experts(ours_cf1, x)
-        contestants["experts_only"] = ExpertsOnly(ours_cf1, xin, counts)
+        if args.all:
+            ours_cf1 = SwitchFFN(d_model, d_ff, E, capacity_factor=1.0).to(device, dtype)
+            ours_cf1.load_state_dict(ours_dropless.state_dict())
+            contestants["ours_cf1.0"] = ours_cf1
+            contestants["oracle_einsum"] = OracleFFN(ours_cf1, seq)
+            xin, counts = dispatched_for_experts(ours_cf1, x)
+            contestants["experts_only"] = ExpertsOnly(ours_cf1, xin, counts)
         times = {(name, bwd): [] for name in contestants for bwd in (False, True)}
         for mod in contestants.values():  # warm-up
             mod.train()
@@ -205,13 +217,14 @@ def main() -> None:
             row[f"{name}_activation_MB"] = b / 2**20
         for bwd in (False, True):
             tag = "fwdbwd" if bwd else "fwd"
-            row[f"ours_cf1_over_dense_{tag}"] = med[("ours_cf1.0", bwd)] / med[("dense", bwd)]
             row[f"ours_dropless_over_dense_{tag}"] = med[("ours_dropless", bwd)] / med[("dense", bwd)]
-            row[f"oracle_over_ours_{tag}"] = med[("oracle_einsum", bwd)] / med[("ours_cf1.0", bwd)]
             if hf is not None:
                 row[f"transformers_over_ours_{tag}"] = med[("transformers", bwd)] / med[("ours_dropless", bwd)]
                 row[f"transformers_over_dense_{tag}"] = med[("transformers", bwd)] / med[("dense", bwd)]
-            row[f"routing_share_{tag}"] = 1 - med[("experts_only", bwd)] / med[("ours_cf1.0", bwd)]
+            if args.all:
+                row[f"ours_cf1_over_dense_{tag}"] = med[("ours_cf1.0", bwd)] / med[("dense", bwd)]
+                row[f"oracle_over_ours_{tag}"] = med[("oracle_einsum", bwd)] / med[("ours_cf1.0", bwd)]
+                row[f"routing_share_{tag}"] = 1 - med[("experts_only", bwd)] / med[("ours_cf1.0", bwd)]
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
@@ -219,29 +232,34 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "device": str(device), "dtype": str(dtype),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
         "processor": platform.processor(), "shape": {"batch": batch, "seq": seq, "d_model": d_model, "d_ff": d_ff},
-        "reps": reps, "quick": args.quick, "malloc_reuse": malloc_reuse,
+        "reps": reps, "quick": args.quick, "malloc_tuning": args.malloc_tuning,
+        "malloc_tuning_applied": runtime.malloc_tuning_applied(), "loadavg_end": os.getloadavg()[0],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"moe_layer_{device.type}_{meta['date']}" + ("_quick" if args.quick else "")
-    stem += "_default_malloc" if args.default_malloc else ""
+    stem += "_malloc_off" if args.malloc_tuning == "off" else ""
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    nan = float("nan")
     md = [f"# SwitchFFN benchmark ({device.type}, {dtype}, {meta['date']})", "",
           f"{batch} x {seq} tokens, d_model {d_model}, d_ff {d_ff}; torch {torch.__version__}, "
-          f"{meta['threads']} threads; medians of {reps} interleaved repetitions; malloc reuse {malloc_reuse}. "
-          "Ratios > 1 mean slower.", "",
-          "| E | ours cf1.0 / dense (fwd+bwd) | ours cf1.0 / dense (fwd) | transformers / ours dropless (fwd+bwd) "
-          "| transformers / ours (fwd) | oracle / ours (fwd+bwd) | routing share of ours (fwd+bwd) "
-          "| activation MB: dense / ours / transformers / oracle |",
+          f"{meta['threads']} threads; medians of {reps} interleaved repetitions; a plain process (allocator "
+          f"setting: {args.malloc_tuning}, applied: {meta['malloc_tuning_applied']}); load average at the end "
+          f"{meta['loadavg_end']:.2f}. Ours is dropless; transformers drops nothing (expert_capacity = sequence "
+          "length). Times in ms.", "",
+          "| E | ours fwd+bwd | transformers fwd+bwd | dense fwd+bwd | transformers / ours (fwd+bwd) "
+          "| transformers / ours (fwd) | ours / dense (fwd+bwd) | activation MB: dense / ours / transformers |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        hf_b = f"{r.get('transformers_over_ours_fwdbwd', float('nan')):.2f}"
-        hf_f = f"{r.get('transformers_over_ours_fwd', float('nan')):.2f}"
-        mems = " / ".join(f"{r.get(f'{n}_activation_MB', float('nan')):.0f}"
-                          for n in ("dense", "ours_cf1.0", "transformers", "oracle_einsum"))
-        md.append(f"| {r['num_experts']} | {r['ours_cf1_over_dense_fwdbwd']:.3f} "
-                  f"| {r['ours_cf1_over_dense_fwd']:.3f} "
-                  f"| {hf_b} | {hf_f} | {r['oracle_over_ours_fwdbwd']:.2f} | {100 * r['routing_share_fwdbwd']:.1f}% "
+        mems = " / ".join(f"{r.get(f'{n}_activation_MB', nan):.0f}" for n in ("dense", "ours_dropless", "transformers"))
+        md.append(f"| {r['num_experts']} | {r['ours_dropless_fwdbwd_ms']:.0f} | {r.get('transformers_fwdbwd_ms', nan):.0f} "
+                  f"| {r['dense_fwdbwd_ms']:.0f} | {r.get('transformers_over_ours_fwdbwd', nan):.2f} "
+                  f"| {r.get('transformers_over_ours_fwd', nan):.2f} | {r['ours_dropless_over_dense_fwdbwd']:.2f} "
                   f"| {mems} |")
+    if args.all:
+        md += ["", "| E | ours cf1.0 / dense (fwd+bwd) | oracle / ours cf1.0 (fwd+bwd) | routing share of ours cf1.0 "
+               "(fwd+bwd) |", "|---|---|---|---|"]
+        md += [f"| {r['num_experts']} | {r['ours_cf1_over_dense_fwdbwd']:.3f} | {r['oracle_over_ours_fwdbwd']:.2f} "
+               f"| {100 * r['routing_share_fwdbwd']:.1f}% |" for r in rows]
     (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -23,76 +23,91 @@ def truncated_normal_(weight: torch.Tensor, fan_in: int, scale: float) -> torch.
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 
+# Largest hidden-activation block (bytes) one expert matmul writes at a time. glibc serves allocations over 32 MiB
+# with fresh mmap pages that are page-faulted and zero-filled on every training step (~30 ms per 64 MB on the
+# benchmark machine), while smaller blocks are reused from its heap: blocks stay below that threshold
+# (benchmarks/bench_moe_layer.py; benchmarks/results/moe_layer_notes.md).
+HIDDEN_BLOCK_BYTES = 16 * 2**20
+
+
+def _row_blocks(counts: list[int], row_bytes: int):
+    """``(expert, start, stop)`` row ranges of expert-major ragged tokens, each at most ``HIDDEN_BLOCK_BYTES`` of
+    hidden activations (an expert with many tokens is split into several blocks)."""
+    step = max(1, HIDDEN_BLOCK_BYTES // max(row_bytes, 1))
+    start = 0
+    for e, n in enumerate(counts):  # a loop over experts' contiguous slices, never over tokens
+        for lo in range(start, start + n, step):
+            yield e, lo, min(lo + step, start + n)
+        start += n
+
+
 class _RaggedReluFFN(torch.autograd.Function):
-    """Expert FFNs over expert-major ragged tokens, with a hand-written backward.
+    """Expert FFNs ``W_out drop(relu(W_in x))`` over expert-major ragged tokens, with a hand-written backward.
 
     Autograd over a Python loop would stack E per-expert weight gradients into a fresh [E, F, M] tensor and then
     add it into ``.grad`` (two extra passes over the largest tensors of the layer: 0.5 GB each at E=128, d_model
-    512, d_ff 2048). Here backward writes each expert's gradient straight into its slice of one buffer, and every
-    output is written in place instead of concatenated.
+    512, d_ff 2048). Here backward writes each expert's gradient straight into its slice of one buffer, every
+    output is written in place, and hidden activations live in blocks of at most ``HIDDEN_BLOCK_BYTES`` (saved for
+    backward one tensor per block; backward reuses one block-sized workspace), so no step allocates a fresh
+    [tokens, d_ff] tensor.
     """
 
     @staticmethod
     def forward(ctx, x_NM, w_in_EFM, w_out_EMF, counts, dropout_p, training):  # type: ignore[override]
         num_tokens, d_model = x_NM.shape
         d_ff = w_in_EFM.shape[1]
-        h_NF = x_NM.new_empty(num_tokens, d_ff)
         y_NM = x_NM.new_empty(num_tokens, d_model)
-        keep_NF = None
-        start = 0
-        for e, n in enumerate(counts):  # a loop over experts' contiguous slices, never over tokens
-            if n:
-                torch.mm(x_NM[start : start + n], w_in_EFM[e].t(), out=h_NF[start : start + n])
-            start += n
-        h_NF.relu_()
-        if dropout_p > 0 and training:
-            keep_NF = torch.rand_like(h_NF) >= dropout_p
-            h_NF.mul_(keep_NF).div_(1.0 - dropout_p)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(h_NF[start : start + n], w_out_EMF[e].t(), out=y_NM[start : start + n])
-            start += n
-        ctx.save_for_backward(x_NM, w_in_EFM, w_out_EMF, h_NF, keep_NF)
-        ctx.counts, ctx.dropout_p = counts, dropout_p
+        drop = dropout_p > 0 and training
+        blocks = list(_row_blocks(counts, d_ff * x_NM.element_size()))
+        hidden = []
+        for e, lo, hi in blocks:
+            h = torch.mm(x_NM[lo:hi], w_in_EFM[e].t()).relu_()
+            if drop:  # h > 0 exactly where relu and dropout both pass: backward needs no separate mask
+                h.mul_(torch.rand_like(h) >= dropout_p).div_(1.0 - dropout_p)
+            torch.mm(h, w_out_EMF[e].t(), out=y_NM[lo:hi])
+            hidden.append(h)
+        ctx.save_for_backward(x_NM, w_in_EFM, w_out_EMF, *hidden)
+        ctx.blocks, ctx.scale = blocks, 1.0 / (1.0 - dropout_p) if drop else 1.0
         return y_NM
 
     @staticmethod
     def backward(ctx, grad_y_NM):  # type: ignore[override]
-        x_NM, w_in_EFM, w_out_EMF, h_NF, keep_NF = ctx.saved_tensors
+        x_NM, w_in_EFM, w_out_EMF, *hidden = ctx.saved_tensors
         grad_y_NM = grad_y_NM.contiguous()
-        grad_h_NF = torch.empty_like(h_NF)
         need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]  # frozen experts or a no-grad input skip work
         grad_w_out = torch.empty_like(w_out_EMF) if need_w_out else None
         grad_w_in = torch.empty_like(w_in_EFM) if need_w_in else None
         grad_x_NM = torch.empty_like(x_NM) if need_x else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                sl = slice(start, start + n)
-                if need_w_out:
-                    torch.mm(grad_y_NM[sl].t(), h_NF[sl], out=grad_w_out[e])
-                torch.mm(grad_y_NM[sl], w_out_EMF[e], out=grad_h_NF[sl])
-            elif need_w_out:
-                grad_w_out[e].zero_()
-            start += n
-        # relu'(a) = 1[h > 0]; h already carries the dropout mask and scale, so one masked multiply covers both
-        scale = 1.0 / (1.0 - ctx.dropout_p) if keep_NF is not None else 1.0
-        grad_h_NF = torch.ops.aten.threshold_backward(grad_h_NF, h_NF, 0)  # one fused pass, as autograd's relu
-        if keep_NF is not None:
-            grad_h_NF.mul_(scale)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                sl = slice(start, start + n)
-                if need_w_in:
-                    torch.mm(grad_h_NF[sl].t(), x_NM[sl], out=grad_w_in[e])
-                if need_x:
-                    torch.mm(grad_h_NF[sl], w_in_EFM[e], out=grad_x_NM[sl])
-            elif need_w_in:
-                grad_w_in[e].zero_()
-            start += n
+        rows = max((hi - lo for _, lo, hi in ctx.blocks), default=0)
+        workspace = x_NM.new_empty(rows, w_in_EFM.shape[1])
+        written = [False] * w_in_EFM.shape[0]  # an expert's first block writes its weight gradient, later ones add
+        for (e, lo, hi), h in zip(ctx.blocks, hidden):
+            first, written[e] = not written[e], True
+            g_y = grad_y_NM[lo:hi]
+            if need_w_out:
+                _mm_into(grad_w_out[e], g_y.t(), h, first)
+            g_h = torch.mm(g_y, w_out_EMF[e], out=workspace[: hi - lo])
+            # relu'(a) = 1[h > 0] (h also carries the dropout mask): one fused in-place pass, as autograd's relu
+            torch.ops.aten.threshold_backward.grad_input(g_h, h, 0, grad_input=g_h)
+            if ctx.scale != 1.0:
+                g_h.mul_(ctx.scale)
+            if need_w_in:
+                _mm_into(grad_w_in[e], g_h.t(), x_NM[lo:hi], first)
+            if need_x:
+                torch.mm(g_h, w_in_EFM[e], out=grad_x_NM[lo:hi])
+        for e in (e for e, w in enumerate(written) if not w):  # experts that received no token
+            for grad in (grad_w_in, grad_w_out):
+                if grad is not None:
+                    grad[e].zero_()
         return grad_x_NM, grad_w_in, grad_w_out, None, None, None
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` when ``first``, else ``out += a @ b``."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
 
 
 class Experts(nn.Module):

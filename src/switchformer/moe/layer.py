@@ -21,6 +21,7 @@ from torch import nn
 from switchformer.config import MoEConfig
 from switchformer.moe.dispatch import Dispatcher, LocalDispatcher, expert_capacity, plan_routing
 from switchformer.moe.experts import Experts, truncated_normal_
+from switchformer.runtime import tune_malloc_once
 from switchformer.moe.router import Router, load_balancing_loss, router_z_loss, top_k_lowest_index
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -139,6 +140,10 @@ class SwitchFFN(nn.Module):
             num_experts, d_model, d_ff, activation=activation, expert_dropout=expert_dropout, init_scale=init_scale
         )
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        if self.experts.w_in.device.type == "cpu":
+            # Keep glibc from page-faulting the large expert buffers afresh every step (switchformer.runtime:
+            # documented opt-out SWITCHFORMER_MALLOC_TUNING=0 or runtime.disable_malloc_tuning()).
+            tune_malloc_once()
 
     @classmethod
     def from_config(
