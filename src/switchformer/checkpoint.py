@@ -340,7 +340,11 @@ def load_checkpoint(
         CheckpointError: a file is missing, truncated, corrupted or does not match the model.
     """
     path = Path(path)
-    state = verify_checkpoint(path)
+    return _load_verified(path, verify_checkpoint(path), model, optimizer, restore_rng)
+
+
+def _load_verified(path: Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   restore_rng: bool) -> LoadedCheckpoint:
     load_model_weights(path, model)
     if optimizer is not None and "optimizer" in state:
         f = path / OPTIM_FILE
@@ -404,10 +408,13 @@ def load_latest(
     """Load the newest usable checkpoint of ``run_dir``; a corrupted one is skipped with a warning.
 
     ``checkpoints/latest`` is tried first; when it is unreadable or points anywhere but a checkpoint folder of this
-    run, it is ignored (with a warning). Then every checkpoint folder, newest first, until one verifies and loads.
+    run, it is ignored (with a warning). Then every checkpoint folder, newest first, until one verifies. A verified
+    checkpoint that does not fit ``model`` (another model config) raises at once: an older one of the same run would
+    not fit either.
 
     Raises:
-        CheckpointError: no checkpoint at all, or none of them loads (the message lists each failure).
+        CheckpointError: no checkpoint at all, none of them verifies (the message lists each failure), or the
+            newest verified one does not match the model.
     """
     first = latest_checkpoint(run_dir)
     if first is None:
@@ -417,10 +424,10 @@ def load_latest(
     errors = []
     for p in candidates:
         try:
-            loaded = load_checkpoint(p, model, optimizer, restore_rng=restore_rng)
+            state = verify_checkpoint(p)
         except CheckpointError as e:
             errors.append(str(e))
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
             continue
-        return loaded
+        return _load_verified(p, state, model, optimizer, restore_rng)
     raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(errors))

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -238,3 +239,16 @@ def test_checkpoint_and_interop_share_one_writer_version_and_error():
     assert ck.FORMAT_VERSION == files.FORMAT_VERSION
     assert ck.save_safetensors is files.save_safetensors and ck.write_text_atomic is files.write_text_atomic
     assert ck.CheckpointError is errors.CheckpointError
+
+
+def test_checkpoint_of_another_model_raises_at_once_without_fallback(tmp_path):
+    """A verified checkpoint that does not fit the model is a config mistake, not corruption: one error, naming the
+    file, and no warnings about falling back to older checkpoints (which would not fit either)."""
+    for step in (1, 2):
+        ck.save_checkpoint(tmp_path, step, Tied(), None, {}, "")
+    other = Tied()
+    other.ff = torch.nn.Linear(6, 7, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ck.CheckpointError, match=r"step_000002.model\.safetensors does not match the model"):
+            ck.load_latest(tmp_path, other)
