@@ -1,5 +1,5 @@
-"""The switchformer command: --help everywhere, config errors, and an end-to-end train -> eval -> generate -> plot
-on the tiny recipe."""
+"""The switchformer command: --help everywhere, config errors, one-line user errors (--debug for the traceback),
+--resume forms, and an end-to-end train -> eval -> generate -> plot on the tiny recipe."""
 
 import json
 import subprocess
@@ -89,3 +89,89 @@ def test_decoder_only_flag_with_overrides_after_it(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "dec"), "--prompt", "import os", "--max-new-tokens", "3"]) == 0
     with pytest.raises(SystemExit):
         main(["train", "--no-such-flag"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step tiny run (its out_dir also caches the tokenizer for the other runs of this module)."""
+    out = tmp_path_factory.mktemp("runs")
+    tiny = str(ROOT / "configs" / "tiny_test.toml")
+    assert main(["train", tiny, f"out_dir={out}", "name=base", "train.steps=2", "train.num_threads=1"]) == 0
+    return out / "base"
+
+
+def _one_error_line(capsys, *needles):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("switchformer ") and ": error: " in lines[0], err
+    for needle in needles:
+        assert needle in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["train", "train.log_every=0"], ["train.log_every = 0", "e.g. train.log_every=10"]),
+        (["train", "model.num_heads=0"], ["model.num_heads"]),
+        (["train", "--config", "no-such-recipe"], ["config 'no-such-recipe' not found"]),
+        (["eval", "{tmp}/nowhere"], ["is not a run directory"]),
+        (["generate", "--prompt", "x"], ["generate needs RUN_DIR, --model-dir or --preset"]),
+        (["generate", "--preset", "switch-base-8", "--prompt", "x", "--tokenizer", "{tmp}/none.model"],
+         ["does not exist"]),
+        (["train", "--resume", "{tmp}"], ["is not a run directory"]),
+        (["plot", "{tmp}/nowhere"], ["nowhere"]),
+        (["train", "{tmp}/bad.toml"], ["not valid TOML"]),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(argv, needles, tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("[train\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    _one_error_line(capsys, *needles)
+
+
+def test_debug_shows_the_traceback(capsys):
+    from switchformer.errors import ConfigError
+
+    for argv in (["--debug", "train", "train.log_every=0"], ["train", "train.log_every=0", "--debug"]):
+        with pytest.raises(ConfigError, match="train.log_every"):
+            main(argv)
+    assert main(["train", "train.log_every=0"]) == 2  # without the flag: one line
+    _one_error_line(capsys, "train.log_every")
+
+
+def test_dense_baseline_flag_is_gone():
+    with pytest.raises(SystemExit):
+        main(["train", "--dense-baseline"])
+
+
+def test_resume_followed_by_an_override(trained, capsys):
+    """``--resume train.steps=3`` resumes runs/<name> with the override; it is not taken as the run directory."""
+    tiny = str(ROOT / "configs" / "tiny_test.toml")
+    capsys.readouterr()
+    argv = ["train", tiny, f"out_dir={trained.parent}", "name=base", "train.num_threads=1", "--resume"]
+    assert main([*argv, "train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "stopped at step 3: finished all 3 steps" in out
+    assert main(["train", "--resume", str(trained), "train.steps=4", "train.num_threads=1"]) == 0
+    assert "stopped at step 4" in capsys.readouterr().out
+
+
+def test_rejected_resume_keeps_the_run(trained, capsys):
+    before = (trained / "config.toml").read_bytes()
+    assert main(["train", "--resume", str(trained), "model.moe.num_experts=8", "train.num_threads=1"]) == 2
+    _one_error_line(capsys, f"cannot resume {trained} with model.moe.num_experts=8 (the run has 4)")
+    assert (trained / "config.toml").read_bytes() == before
+    assert main(["eval", str(trained)]) == 0  # the run still works
+
+
+def test_eval_without_the_tokenizer_is_a_clear_error(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "tokenizer")
+    assert main(["eval", str(run)]) == 2
+    _one_error_line(capsys, "tokenizer", "spiece.model is missing")

@@ -9,6 +9,9 @@
     switchformer generate runs/switch --prompt "def <extra_id_0>(self):"
     switchformer plot runs/switch runs/switch-dense --out plots/
     switchformer info switch-base-8
+
+A user's mistake (a bad config value, a missing file, a run that cannot be resumed as asked) prints one line,
+``switchformer COMMAND: error: ...``, and exits with status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ import sys
 from pathlib import Path
 
 from switchformer.config import RunConfig, apply_overrides, load_toml
+from switchformer.errors import ConfigError, RunError, SwitchformerError
+
+USER_ERRORS = (SwitchformerError, OSError, ValueError, TypeError, ImportError)
+"""Exceptions the CLI reports as one line (exit status 2): switchformer's own errors, and the built-in ones that
+bad input raises (a missing file, a wrong value; a missing optional package)."""
 
 _OVERRIDE_HELP = "dotted config overrides, e.g. model.moe.num_experts=16 train.steps=100 optim.lr=0.02"
 
@@ -56,28 +64,39 @@ def _split_positional(items: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+def _resume_target(resume: bool | str, items: list[str]) -> tuple[Path | None, list[str]]:
+    """(RUN_DIR or None, positional items) for ``--resume [RUN_DIR]``: argparse gives ``--resume`` the next word,
+    which is an override or a recipe (``--resume train.steps=900``) unless it is a directory."""
+    if not isinstance(resume, str):
+        return None, items
+    if not Path(resume).is_dir() and ("=" in resume or resume.endswith(".toml")):
+        return None, [resume, *items]
+    return Path(resume), items
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from switchformer.runtime import reuse_freed_memory
-    from switchformer.train.compare import compare
     from switchformer.train.loop import train
 
     reuse_freed_memory()  # stacked expert gradients would page-fault afresh every step (switchformer.runtime)
 
-    config, overrides = _split_positional(args.overrides)
+    run_dir, items = _resume_target(args.resume, args.overrides)
+    config, overrides = _split_positional(items)
     config = args.config or config
     if args.resume:
-        run_dir = Path(args.resume) if isinstance(args.resume, str) else None
         if run_dir is None:
             cfg = build_config(config, overrides, args.decoder_only)
             run_dir = Path(cfg.out_dir) / cfg.name
         else:
+            if config is not None or args.decoder_only:
+                raise ConfigError(f"--resume {run_dir} continues with the run's own config.toml; drop the recipe "
+                                  "(and --decoder-only) and give only overrides")
+            if not (run_dir / "config.toml").is_file():
+                raise RunError(f"{run_dir} is not a run directory (no config.toml); pass runs/<name>")
             cfg = apply_overrides(load_toml(run_dir / "config.toml"), overrides)
         result = train(cfg, resume=True, run_dir=run_dir)
     else:
         cfg = build_config(config, overrides, args.decoder_only)
-        if args.dense_baseline:
-            compare(cfg)
-            return 0
         result = train(cfg, run_dir=args.run_dir)
     ev = result.final_eval
     loss = ev.get("val_loss", float("nan"))
@@ -131,14 +150,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif args.preset is not None:
             model = build_model(get_preset(args.preset)).eval()  # random weights: a smoke test of generation
         else:
-            raise SystemExit("generate needs RUN_DIR, --model-dir or --preset")
+            raise ConfigError("generate needs RUN_DIR, --model-dir or --preset")
         tok = None
     if args.tokenizer is not None:
         from switchformer.data.tokenizer import Tokenizer
 
         tok = Tokenizer.from_file(args.tokenizer)
     if tok is None:
-        raise SystemExit("no tokenizer: pass --tokenizer PATH/spiece.model")
+        raise ConfigError("no tokenizer: pass --tokenizer PATH/spiece.model")
     text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
                          seed=args.seed)
@@ -170,22 +189,28 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchformer", description="Switch Transformers: train, compare with dense, evaluate, generate, plot."
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # every subcommand takes --debug too; SUPPRESS keeps a subcommand from resetting the top-level flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model (no arguments: a small Switch model on the stdlib corpus)",
+    p = sub.add_parser("train", parents=[common],
+                       help="train a model (no arguments: a small Switch model on the stdlib corpus)",
                        description="Train from a TOML recipe (default: configs/default.toml) plus dotted overrides. "
                        "Leaves runs/<name>/ with checkpoints (safetensors), metrics.jsonl and plots.")
     p.add_argument("overrides", nargs="*", metavar="[CONFIG.toml] KEY=VALUE", help=_OVERRIDE_HELP)
     p.add_argument("--config", help="TOML recipe path or name in configs/ (default: default, or decoder)")
     p.add_argument("--decoder-only", action="store_true", help="decoder-only LM (configs/decoder.toml)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-                   help="continue exactly from the newest usable checkpoint (of RUN_DIR, or runs/<name>)")
-    p.add_argument("--dense-baseline", action="store_true",
-                   help="also train the FLOP-matched dense model (same as compare)")
+                   help="continue exactly from the newest usable checkpoint (of RUN_DIR, or runs/<name>); "
+                        "train.max_minutes applies to each invocation")
     p.add_argument("--run-dir", help="run directory (default runs/<name>, suffixed -2, -3... if taken)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="train Switch and the FLOP-matched dense model; report the speed-up",
+    p = sub.add_parser("compare", parents=[common],
+                       help="train Switch and the FLOP-matched dense model; report the speed-up",
                        description="Train the Switch config and its dense counterpart (sparse steps 0) on the same "
                        "data and budget; report how many times fewer steps and how much less wall time Switch needs "
                        "to reach the dense model's final validation loss (compare.json + PNG).")
@@ -198,14 +223,16 @@ def make_parser() -> argparse.ArgumentParser:
                         "FFN parameters buy at this budget")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("eval", help="validation loss / neg log perplexity of a run's newest checkpoint")
+    p = sub.add_parser("eval", parents=[common],
+                       help="validation loss / neg log perplexity of a run's newest checkpoint")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or one of its checkpoint directories)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text from a run directory (or a model directory / preset)")
+    p = sub.add_parser("generate", parents=[common],
+                       help="generate text from a run directory (or a model directory / preset)")
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory or checkpoint directory")
     p.add_argument("--prompt", required=True, help="input text (encoder-decoder: may contain <extra_id_0> sentinels)")
     p.add_argument("--model-dir", help="a saved model directory (transformers SwitchTransformers or switchformer)")
@@ -221,12 +248,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("plot", help="PNG plots: overlaid loss curves of runs, per-layer expert load over time")
+    p = sub.add_parser("plot", parents=[common],
+                       help="PNG plots: overlaid loss curves of runs, per-layer expert load over time")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output folder (default RUN_DIR/plots for one run, ./plots for several)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("info", help="describe a model preset (parameters, FLOPs); no argument lists presets")
+    p = sub.add_parser("info", parents=[common],
+                       help="describe a model preset (parameters, FLOPs); no argument lists presets")
     p.add_argument("preset", nargs="?", metavar="PRESET")
     p.set_defaults(func=cmd_info)
     return parser
@@ -245,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        if getattr(args, "debug", False):
+    except USER_ERRORS as e:
+        if args.debug:
             raise
-        print(f"switchformer {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"switchformer {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,13 +1,20 @@
-"""Switch-vs-dense comparison: the crossing interpolation, the dense counterpart, and bench_pretrain --quick."""
+"""Switch-vs-dense comparison: the crossing interpolation, the dense counterpart, per-seed configs and means, the
+report's wording, and `switchformer compare` end to end on the tiny recipe."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from switchformer.config import RunConfig, apply_overrides
-from switchformer.train.compare import crossing, dense_counterpart
+from switchformer.train.compare import (
+    crossing,
+    dense_counterpart,
+    format_summary,
+    mean_over_seeds,
+    seed_config,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,25 +38,6 @@ def test_dense_counterpart_is_flop_matched():
     # everything else (width, depth, d_ff, data, optimizer, steps) is identical
     same = apply_overrides(dense, ["model.encoder_sparse_step=2", "model.decoder_sparse_step=2", "name=sw"])
     assert same == cfg
-
-
-def test_bench_pretrain_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_pretrain", ROOT / "benchmarks" / "bench_pretrain.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    res = tmp_path / "results"
-    assert bench.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(res),
-                       "--wide-dense", "2", "train.num_threads=1"]) == 0
-    (report,) = res.glob("pretrain_cpu_quick_*.json")
-    data = json.loads(report.read_text())
-    assert data["seeds"] == [0] and len(data["per_seed"]) == 1
-    s = data["per_seed"][0]
-    assert s["dense_final_val_loss"] > 0 and s["dense_steps"] == 12
-    assert set(data["targets_met"]) == {"step_ratio", "time_ratio", "throughput_ratio"}
-    assert Path(s["wide_dense_run"]).name == "seed0-dense-x2" and s["wide_dense_final_val_loss"] > 0
-    md = next(res.glob("pretrain_cpu_quick_*.md")).read_text()
-    assert "Capacity reference: the dense model with 2x wider FFNs" in md
-    assert list(res.glob("pretrain_cpu_quick_*.md")) and list(res.glob("pretrain_cpu_quick_*_loss.png"))
 
 
 def test_wide_dense_counterpart():
@@ -77,8 +65,6 @@ def _write_evals(run_dir: Path, losses: list[float], seconds_per_step: float = 0
 
 @pytest.mark.parametrize("wide_losses, helps", [([5.0, 4.0, 3.5, 3.0], True), ([5.5, 4.8, 4.4, 4.2], False)])
 def test_summary_with_the_wide_dense_reference(tmp_path, wide_losses, helps):
-    from switchformer.train.compare import format_summary, summarize
-
     sw = _write_evals(tmp_path / "sw", [5.0, 4.5, 4.0, 3.9])
     de = _write_evals(tmp_path / "de", [5.0, 4.6, 4.2, 4.0])
     wide = _write_evals(tmp_path / "wide", wide_losses)
@@ -107,6 +93,40 @@ def test_cli_compare_with_wide_dense(tmp_path, capsys):
     assert main([*args, "--wide-dense", "2"]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert Path(report["wide_dense_run"]).name == "t-dense-x2"
+    assert report["dense_final_val_loss"] > 0 and report["dense_steps"] == 3
+    assert report["wide_dense_final_val_loss"] > 0
     cfg_text = (out / "t-dense-x2" / "config.toml").read_text()
     assert "d_ff = 128" in cfg_text  # tiny_test.toml has d_ff 64
     assert "capacity reference:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("sw_losses", "sw_seconds_per_step", "expected", "absent"),
+    [
+        # Switch reaches the dense 4.0 at step 30 of 40 in 1.8 x 30 = 54 s vs dense's 40 s: slower in wall time
+        ([5.0, 4.5, 4.0, 3.9], 0.18, ["1.33x fewer steps than dense (ratio 0.75)", "1.35x the wall time of dense"],
+         ["less wall time"]),
+        # ... in 0.05 x 30 = 1.5 s: faster in both
+        ([5.0, 4.5, 4.0, 3.9], 0.05, ["1.33x fewer steps than dense (ratio 0.75)",
+                                      "2.67x less wall time than dense (ratio 0.38)"], ["the wall time of dense"]),
+        # at the last step (40 of 40): the same number of steps
+        ([5.0, 4.6, 4.3, 4.0], 0.1, ["1.00x the steps of dense", "1.00x the wall time of dense"], ["fewer"]),
+    ],
+)
+def test_summary_wording_says_more_or_less(tmp_path, sw_losses, sw_seconds_per_step, expected, absent):
+    """'Nx less wall time' only when Switch took less; otherwise 'Nx the wall time of dense'."""
+    sw = _write_evals(tmp_path / "sw", sw_losses, seconds_per_step=sw_seconds_per_step)
+    de = _write_evals(tmp_path / "de", [5.0, 4.6, 4.2, 4.0])
+    text = format_summary(summarize(sw, de))
+    for phrase in expected:
+        assert phrase in text, text
+    for phrase in absent:
+        assert phrase not in text, text
+
+
+def test_seed_config_and_mean_over_seeds(tmp_path):
+    cfg = seed_config(RunConfig(), 2, tmp_path, ["train.steps=5"])
+    got = (cfg.train.seed, cfg.data.seed, cfg.name, cfg.out_dir, cfg.train.steps)
+    assert got == (2, 2, "seed2", str(tmp_path), 5)
+    assert mean_over_seeds([0.5, 1.0]) == pytest.approx(0.75)
+    assert mean_over_seeds([0.5, None]) is None and mean_over_seeds([]) is None

@@ -1,4 +1,4 @@
-"""Switch vs the FLOP-matched dense model on the same data and budget (paper.md §2.5, Fig. 5 / Table 1 style).
+"""Switch vs the FLOP-matched dense model on the same data and budget (paper §2.5, Table 1; Figure 5).
 
 The dense baseline is the same config with ``encoder_sparse_step = decoder_sparse_step = 0``: every FFN is one
 dense FFN of width d_ff, so with top-1 routing both models spend the same FLOPs per token (the router adds
@@ -12,7 +12,7 @@ linearly interpolated between evaluation points.
 parameters at constant FLOPs, so where even the wider dense model is no faster to the dense loss, the budget is
 one in which extra FFN parameters buy little, and a large Switch gain is unlikely. It is not a strict bound: at
 scale the paper's Switch-Base 64e was more sample-efficient than T5-Large, a dense model with 3.5x its FLOPs
-(paper.md, Figure 6).
+(paper Figure 6).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from switchformer.config import RunConfig
+from switchformer.config import RunConfig, apply_overrides
 from switchformer.metrics import read_metrics
 
 
@@ -40,6 +40,24 @@ def wide_dense_counterpart(cfg: RunConfig, factor: int) -> RunConfig:
     dense = dense_counterpart(cfg)
     model = dataclasses.replace(dense.model, d_ff=cfg.model.d_ff * factor)
     return dataclasses.replace(dense, model=model, name=f"{cfg.name}-dense-x{factor}")
+
+
+def seed_config(base: RunConfig, seed: int, runs_dir: str | Path, extra: Sequence[str] = ()) -> RunConfig:
+    """``base`` for one seed of a multi-seed comparison, named ``seed<N>`` under ``runs_dir``.
+
+    ``data.seed`` follows ``train.seed``: it fixes the validation set's span-corruption noise, so the runs compared
+    within a seed must share it (absolute losses move by up to 0.15 nats across data seeds).
+    """
+    return apply_overrides(base, [f"train.seed={seed}", f"data.seed={seed}", f"name=seed{seed}",
+                                  f"out_dir={runs_dir}", *extra])
+
+
+def mean_over_seeds(values: Sequence[float | None]) -> float | None:
+    """Mean of per-seed values; None if any seed has none (a Switch run that never reached the dense loss has no
+    step ratio, and averaging only the seeds that did would flatter it)."""
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.mean(values)
 
 
 def crossing(evals: list[dict], target: float, x: str = "step") -> float | None:
@@ -114,6 +132,14 @@ def _wide_summary(wide_dir: str | Path, target: float, dense_steps: float) -> di
     }
 
 
+def _ratio_phrase(ratio: float, amount: str, fewer: str) -> str:
+    """Switch's cost relative to dense in words: '1.36x the wall time of dense' when Switch needed more (or the
+    same), '1.52x less wall time than dense (ratio 0.66)' when it needed less."""
+    if ratio < 1.0:
+        return f"{1 / ratio:.2f}x {fewer} than dense (ratio {ratio:.2f})"
+    return f"{ratio:.2f}x the {amount} of dense"
+
+
 def format_summary(s: dict) -> str:
     """Human-readable lines for a ``summarize`` result."""
     lines = [f"dense final val loss {s['dense_final_val_loss']:.4f} at step {s['dense_steps']:.0f} "
@@ -122,9 +148,9 @@ def format_summary(s: dict) -> str:
         lines.append("Switch did not reach the dense model's final validation loss within the budget")
     else:
         at = s["switch_steps_to_dense_loss"]
-        lines.append(f"Switch reached it at step {at:.0f}: {s['step_speedup']:.2f}x fewer "
-                     f"steps (ratio {s['step_ratio']:.2f}) and {s['time_speedup']:.2f}x less wall time "
-                     f"(ratio {s['time_ratio']:.2f})")
+        steps = _ratio_phrase(s["step_ratio"], "steps", "fewer steps")
+        time_ = _ratio_phrase(s["time_ratio"], "wall time", "less wall time")
+        lines.append(f"Switch reached it at step {at:.0f}: {steps}, {time_}")
     sw_tps, de_tps = s["switch_tokens_per_s"], s["dense_tokens_per_s"]
     lines.append(f"throughput: Switch {sw_tps:.0f} tok/s, dense {de_tps:.0f} tok/s "
                  f"(ratio {s['throughput_ratio']:.2f})")

@@ -32,6 +32,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from switchformer import checkpoint as ck
-from switchformer.config import ModelConfig, RunConfig, round_vocab, to_toml
+from switchformer.config import ModelConfig, RunConfig, load_toml, round_vocab, to_toml
 from switchformer.errors import CheckpointError, ConfigError, DataError, RunError, SwitchformerError
 from switchformer.metrics import (
     MetricsLogger,
@@ -321,15 +322,24 @@ class Trainer:
         nothing, so a checkpoint that does not fit this config leaves the run untouched.
 
         Raises:
-            RunError: no checkpoint fits the model of this config.
+            RunError: no checkpoint fits the model of this config (the message names the model settings that
+                differ from the run's).
         """
-        try:
-            loaded = ck.load_latest(self.run_dir, self.model, self.optimizer)
-        except CheckpointError as e:
-            if not ck.list_checkpoints(self.run_dir):
-                raise RunError(f"{self.run_dir} has no checkpoint to resume from; train it without --resume") from e
-            raise RunError(f"cannot resume {self.run_dir} with this config: {e}; resume with the run's own "
-                           f"model settings ({self.run_dir / 'config.toml'})") from e
+        changed = _model_changes(self.run_dir / "config.toml", self.comp.model_cfg)
+        with warnings.catch_warnings(record=True) as skipped:  # checkpoints load_latest fell back from
+            warnings.simplefilter("always")
+            try:
+                loaded = ck.load_latest(self.run_dir, self.model, self.optimizer)
+            except CheckpointError as e:
+                if not ck.list_checkpoints(self.run_dir):
+                    raise RunError(f"{self.run_dir} has no checkpoint to resume from; train it without "
+                                   "--resume") from e
+                if changed:
+                    raise RunError(f"cannot resume {self.run_dir} with {', '.join(changed)}: its checkpoints hold "
+                                   "the run's model; resume with the model settings of its config.toml") from e
+                raise RunError(f"cannot resume {self.run_dir}: {e}") from e
+        for w in skipped:
+            self.print_fn(f"warning: {w.message}")
         s = loaded.state
         self.state = TrainState(step=loaded.step, train_seconds=float(s.get("train_seconds", 0.0)),
                                 tokens_seen=int(s.get("tokens_seen", 0)), skipped=int(s.get("skipped_steps", 0)))
@@ -497,6 +507,23 @@ class Trainer:
             except Exception as e:  # plotting must never lose a finished run
                 self.print_fn(f"warning: plotting failed: {e}")
         return TrainResult(self.run_dir, s.step, self.last_eval, self.evals, s.train_seconds, reason)
+
+
+def _model_changes(previous_toml: Path, model_cfg: ModelConfig) -> list[str]:
+    """``model.KEY=NEW (the run has OLD)`` for each model setting that differs from the run's config.toml."""
+    try:
+        old = dataclasses.asdict(load_toml(previous_toml).model)
+    except (OSError, ValueError):
+        return []
+    flat_old, flat_new = _flatten(old, "model"), _flatten(dataclasses.asdict(model_cfg), "model")
+    return [f"{k}={flat_new[k]!r} (the run has {flat_old[k]!r})" for k in flat_new if flat_old.get(k) != flat_new[k]]
+
+
+def _flatten(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
 
 
 def _kill_step() -> int | None:

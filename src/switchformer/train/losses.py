@@ -1,7 +1,7 @@
 """Losses: token cross-entropy sums for exact evaluation, and the training objective's composition.
 
 The model already returns ``out.loss = lm_loss + aux_loss_coef * mean(load_balancing) + z_loss_coef * mean(z)``
-(paper.md §2.2, Eq. 4; alpha = 0.01). Evaluation needs the *sum* of token NLLs so that several batches average per
+(paper §2.2, Eq. 4; alpha = 0.01). Evaluation needs the *sum* of token NLLs so that several batches average per
 token (the paper's negative log perplexity, in nats: footnote 4), which ``token_nll`` provides.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from switchformer.config import IGNORE_INDEX
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +31,3 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     )
     return nll, (labels != IGNORE_INDEX).sum()
 
-
-def mean_router_losses(router: list) -> tuple[float, float]:
-    """Unweighted per-layer means of the load-balancing loss (Eq. 4) and router z-loss, for logging."""
-    if not router:
-        return 0.0, 0.0
-    lb = sum(float(r.load_balancing_loss) for r in router) / len(router)
-    z = sum(float(r.router_z_loss) for r in router) / len(router)
-    return lb, z

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules (paper.md §3).
+"""Optimizers and learning-rate schedules (paper §3).
 
 The paper's optimizer is not stated in [P]; the official configs use Adafactor (decay_rate 0.8) with the T5X
 ``constant * rsqrt_decay`` schedule: lr = base / sqrt(max(step, warmup)), base 1.0, warm-up 10k, i.e. a constant

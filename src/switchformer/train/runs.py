@@ -16,6 +16,7 @@ import torch
 
 from switchformer import checkpoint as ck
 from switchformer.config import RunConfig, load_toml
+from switchformer.errors import RunError
 
 
 @dataclass
@@ -40,8 +41,10 @@ def _split_run_path(path: Path) -> tuple[Path, Path | None]:
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
     """Load the newest usable checkpoint of a run directory (or the given checkpoint directory).
 
+    The tokenizer is None when the run's ``tokenizer/spiece.model`` is missing.
+
     Raises:
-        FileNotFoundError: not a run directory.
+        RunError: not a run directory.
         CheckpointError: no usable checkpoint.
     """
     from switchformer.data.tokenizer import Tokenizer
@@ -49,15 +52,15 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Loa
 
     run_dir, ckpt = _split_run_path(Path(path))
     if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml); pass runs/<name>")
+        raise RunError(f"{run_dir} is not a run directory (no config.toml); pass runs/<name>")
     cfg = load_toml(run_dir / "config.toml")
     model = build_model(cfg.model, init=False)
     if ckpt is None:
         loaded = ck.load_latest(run_dir, model, restore_rng=False)
     else:
         loaded = ck.load_checkpoint(ckpt, model, restore_rng=False)
-    tok_dir = run_dir / "tokenizer"
-    tok = Tokenizer.from_file(tok_dir, num_sentinels=cfg.data.num_sentinels) if tok_dir.exists() else None
+    tok_file = run_dir / "tokenizer" / "spiece.model"
+    tok = Tokenizer.from_file(tok_file, num_sentinels=cfg.data.num_sentinels) if tok_file.is_file() else None
     model.to(device).eval()
     return LoadedRun(cfg, model, tok, run_dir, loaded.path, loaded.step)
 
@@ -77,6 +80,9 @@ def eval_run(path: str | os.PathLike, batches: int | None = None, device: str = 
     from switchformer.train.loop import evaluate
 
     run = load_run(path, device)
+    if run.tokenizer is None:
+        raise RunError(f"{run.run_dir / 'tokenizer' / 'spiece.model'} is missing: evaluating a run needs the "
+                       "tokenizer it was trained with; restore that file (train saves it when a run starts)")
     data_cfg = dataclasses.replace(run.cfg.data, tokenizer=str(run.run_dir / "tokenizer" / "spiece.model"))
     corpus = load_corpus(data_cfg)
     loader = make_loader(data_cfg, run.tokenizer, corpus.val_texts, run.cfg.train.batch_size, "val",
