@@ -199,7 +199,9 @@ def _map_hf_key(key: str, gated: bool) -> tuple[str, int | None]:
         w = m["w"]
         name = {"wi": "w_in", "wi_1": "w_in", "wi_0": "w_gate", "wo": "w_out"}[w]
         if (w == "wi" and gated) or (w in ("wi_0", "wi_1") and not gated):
-            raise CheckpointError(f"{key}: {'gated' if gated else 'non-gated'} model cannot take this expert weight")
+            kind = "gated" if gated else "non-gated"
+            raise CheckpointError(f"{key}: the checkpoint mixes gated and non-gated expert weights; a {kind} model "
+                                  "cannot take this one (the checkpoint is inconsistent: re-export it)")
         return f"{m['ffn']}.experts.{name}", int(m["j"])
     m = _ROUTER_HF_RE.match(key)
     if m:
@@ -247,7 +249,8 @@ def convert_from_hf(
         filled[new_key].add(j)
     incomplete = {k: sorted(set(range(E)) - v) for k, v in filled.items() if len(v) != E}
     if incomplete:
-        raise CheckpointError(f"experts missing from the checkpoint (never left at random init): {incomplete}")
+        raise CheckpointError(f"experts missing from the checkpoint (never left at random init): {incomplete}; the "
+                              "checkpoint is incomplete: re-download it (every shard) or re-export it")
     return out
 
 
