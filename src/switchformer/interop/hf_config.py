@@ -97,7 +97,7 @@ class _Fields:
                                   f"({type(value).__name__}); fix it, or remove it to use transformers' default")
         return value
 
-    def int(self, name: str, default: Any, *, null: Any = _NOT_NULL) -> Any:
+    def get_int(self, name: str, default: Any, *, null: Any = _NOT_NULL) -> Any:
         def ok(v: Any) -> bool:
             integral_float = isinstance(v, float) and math.isfinite(v) and v.is_integer()
             return integral_float or (isinstance(v, int) and not isinstance(v, bool))
@@ -105,31 +105,31 @@ class _Fields:
         v = self._get(name, default, null, "an integer", ok)
         return int(v) if isinstance(v, float) else v
 
-    def float(self, name: str, default: Any, *, null: Any = _NOT_NULL) -> Any:
+    def get_float(self, name: str, default: Any, *, null: Any = _NOT_NULL) -> Any:
         def ok(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         v = self._get(name, default, null, "a finite number", ok)
         return float(v) if v is not None else v
 
-    def bool(self, name: str, default: Any) -> Any:
+    def get_bool(self, name: str, default: Any) -> Any:
         return self._get(name, default, _NOT_NULL, "true or false", lambda v: isinstance(v, bool))
 
-    def str(self, name: str, default: Any, *, null: Any = _NOT_NULL) -> Any:
+    def get_str(self, name: str, default: Any, *, null: Any = _NOT_NULL) -> Any:
         return self._get(name, default, null, "a string", lambda v: isinstance(v, str))
 
 
 def _activation_from_hf(f: _Fields) -> str:
     """The ModelConfig activation from feed_forward_proj / dense_act_fn / is_gated_act."""
-    proj = f.str("feed_forward_proj", "", null="")
-    gated = f.bool("is_gated_act", False) or proj.startswith("gated-")
-    act = proj.split("-")[-1] if proj else f.str("dense_act_fn", "relu", null="relu")
+    proj = f.get_str("feed_forward_proj", "", null="")
+    gated = f.get_bool("is_gated_act", False) or proj.startswith("gated-")
+    act = proj.split("-")[-1] if proj else f.get_str("dense_act_fn", "relu", null="relu")
     if gated:
         if act not in ("gelu", "gelu_new"):
             raise CheckpointError(f"{f.source}: feed_forward_proj={proj!r}: only 'relu' and 'gated-gelu' FFNs are "
                                   "supported")
         return "gated-gelu"
-    act = f.str("dense_act_fn", act, null=act) or act
+    act = f.get_str("dense_act_fn", act, null=act) or act
     if act != "relu":
         raise CheckpointError(
             f"{f.source}: dense_act_fn={act!r}: switchformer supports 'relu' (T5 v1.0, the released Switch "
@@ -171,60 +171,60 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, *, source: str = "config.
     if isinstance(marker, Mapping) and "model_config" in marker:
         return _model_config(marker["model_config"], f"{source}: {MARKER}.model_config")
     f = _Fields(hf, source)
-    model_type = f.str("model_type", HF_MODEL_TYPE)
+    model_type = f.get_str("model_type", HF_MODEL_TYPE)
     if model_type not in (HF_MODEL_TYPE, "t5"):
         raise CheckpointError(f"{source}: model_type {model_type!r} is not 'switch_transformers' (or a dense 't5')")
-    if f.bool("router_bias", False):
+    if f.get_bool("router_bias", False):
         raise CheckpointError(f"{source}: router_bias=True is not supported (the Switch router has no bias, "
                               "paper §2.1, Eq. 1)")
     activation = _activation_from_hf(f)
-    num_layers = f.int("num_layers", 12)
-    num_decoder_layers = f.int("num_decoder_layers", num_layers, null=num_layers)
+    num_layers = f.get_int("num_layers", 12)
+    num_decoder_layers = f.get_int("num_decoder_layers", num_layers, null=num_layers)
     if model_type == "t5":  # a dense T5 (v1.0 relu or v1.1 gated-gelu): the FLOP-matched baseline, no experts
         enc_step = dec_step = 0
     else:
-        enc_step = f.int("encoder_sparse_step", None)
+        enc_step = f.get_int("encoder_sparse_step", None)
         if enc_step is None:  # transformers' recomputation (no explicit step in the JSON)
-            enc_step = _hf_default_step(num_layers, f.int("num_sparse_encoder_layers", 3))
-        dec_step = f.int("decoder_sparse_step", None)
+            enc_step = _hf_default_step(num_layers, f.get_int("num_sparse_encoder_layers", 3))
+        dec_step = f.get_int("decoder_sparse_step", None)
         if dec_step is None:
-            dec_step = _hf_default_step(num_decoder_layers, f.int("num_sparse_decoder_layers", 3))
-    jitter = f.float("router_jitter_noise", 0.01, null=0.0)
+            dec_step = _hf_default_step(num_decoder_layers, f.get_int("num_sparse_decoder_layers", 3))
+    jitter = f.get_float("router_jitter_noise", 0.01, null=0.0)
     eos = hf.get("eos_token_id", 1)
     if isinstance(eos, list) and eos:  # generation configs allow several; the model config needs one
         hf["eos_token_id"] = eos[0]
-    pad = f.int("pad_token_id", 0, null=0)
-    tied = f.bool("tie_word_embeddings", True)
+    pad = f.get_int("pad_token_id", 0, null=0)
+    tied = f.get_bool("tie_word_embeddings", True)
     if model_type == "t5":
         # transformers 5.x T5 forces tie_word_embeddings=True and keeps the v1.1 "no output scaling" flag apart as
         # scale_decoder_outputs. Our tie implies the d_model**-0.5 scaling (T5 v1.0), so unscaled means untied.
-        tied = f.bool("scale_decoder_outputs", tied)
+        tied = f.get_bool("scale_decoder_outputs", tied)
     fields = dict(
         arch="encoder_decoder",
-        vocab_size=f.int("vocab_size", 32128),
-        d_model=f.int("d_model", 768),
-        d_ff=f.int("d_ff", 2048),
-        d_kv=f.int("d_kv", 64),
-        num_heads=f.int("num_heads", 12),
+        vocab_size=f.get_int("vocab_size", 32128),
+        d_model=f.get_int("d_model", 768),
+        d_ff=f.get_int("d_ff", 2048),
+        d_kv=f.get_int("d_kv", 64),
+        num_heads=f.get_int("num_heads", 12),
         num_layers=num_layers,
         num_decoder_layers=num_decoder_layers,
         encoder_sparse_step=enc_step,
         decoder_sparse_step=dec_step,
         feed_forward_proj=activation,
-        relative_attention_num_buckets=f.int("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=f.int("relative_attention_max_distance", 128),
-        dropout_rate=f.float("dropout_rate", 0.1),
-        layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-6),
+        relative_attention_num_buckets=f.get_int("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=f.get_int("relative_attention_max_distance", 128),
+        dropout_rate=f.get_float("dropout_rate", 0.1),
+        layer_norm_epsilon=f.get_float("layer_norm_epsilon", 1e-6),
         tie_word_embeddings=tied,
-        aux_loss_coef=f.float("router_aux_loss_coef", 0.001),
-        z_loss_coef=f.float("router_z_loss_coef", 0.001),
+        aux_loss_coef=f.get_float("router_aux_loss_coef", 0.001),
+        z_loss_coef=f.get_float("router_z_loss_coef", 0.001),
         pad_token_id=pad,
-        eos_token_id=f.int("eos_token_id", 1, null=1),
-        decoder_start_token_id=f.int("decoder_start_token_id", pad, null=pad),
+        eos_token_id=f.get_int("eos_token_id", 1, null=1),
+        decoder_start_token_id=f.get_int("decoder_start_token_id", pad, null=pad),
         moe=dict(
-            num_experts=f.int("num_experts", 8),
+            num_experts=f.get_int("num_experts", 8),
             top_k=1,
-            expert_capacity=f.int("expert_capacity", RELEASED_EXPERT_CAPACITY),
+            expert_capacity=f.get_int("expert_capacity", RELEASED_EXPERT_CAPACITY),
             router_dtype=_dtype_name(f, "router_dtype", "float32"),
             exploration="input_jitter" if jitter > 0 else "argmax",
             jitter_eps=jitter,
@@ -235,7 +235,7 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, *, source: str = "config.
 
 def _dtype_name(f: _Fields, name: str, default: str) -> str:
     """A dtype field as ModelConfig spells it (``"float32"``; transformers may write ``"torch.float32"``)."""
-    value = f.str(name, default)
+    value = f.get_str(name, default)
     try:
         return str(parse_dtype(value, name=name)).removeprefix("torch.")
     except (ValueError, TypeError) as e:
