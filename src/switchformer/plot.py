@@ -13,7 +13,10 @@ from switchformer.metrics import read_metrics
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'switchformer[train]'") from None
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     import matplotlib.pyplot as plt

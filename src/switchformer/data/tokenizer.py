@@ -26,10 +26,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 
 from switchformer.config import DataConfig
 from switchformer.errors import DataError
+
+try:
+    import sentencepiece as spm
+except ImportError:  # an optional dependency: the core install (layer, models, checkpoints) does without it
+    raise ModuleNotFoundError("the tokenizer needs sentencepiece: pip install 'switchformer[train]'") from None
 
 log = logging.getLogger(__name__)
 
