@@ -1,4 +1,4 @@
-"""Span corruption (paper.md §3) against a literal numpy port of T5's preprocessors and against invariants."""
+"""Span corruption (paper §3) against a literal numpy port of T5's preprocessors and against invariants."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_noise_density_statistic():
 
 
 def test_lengths_helper():
-    assert span_corruption_lengths(512) == (568, 114)  # T5X C4 default (paper.md §3: inputs 512 / targets 114)
+    assert span_corruption_lengths(512) == (568, 114)  # T5X C4 default (paper §3: inputs 512 / targets 114)
     assert span_corruption_lengths(128) == (141, 29)
     for L in (16, 64, 128, 256, 512, 1024):
         raw, tgt = span_corruption_lengths(L)

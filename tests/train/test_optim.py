@@ -1,4 +1,4 @@
-"""LR schedules against their formulas (paper.md §3: T5X rsqrt), and the optimizers' construction."""
+"""LR schedules against their formulas (paper §3: T5X rsqrt), and the optimizers' construction."""
 
 import math
 
