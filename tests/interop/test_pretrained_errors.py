@@ -178,3 +178,15 @@ def test_save_is_atomic_and_leaves_no_temporary_files(saved):
         raise RuntimeError("boom")
     assert json.loads((d / "config.json").read_text())["model_type"] == "switch_transformers"  # untouched
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_resave_switches_between_single_file_and_shards_without_stale_files(saved):
+    model, d = saved(shard=2000)
+    shards = sorted(d.glob("model-*.safetensors"))
+    switchformer.save_pretrained(model, d)  # one file now: the index and the shards go
+    assert (d / WEIGHTS_NAME).is_file() and not (d / INDEX_NAME).exists() and not any(p.exists() for p in shards)
+    switchformer.save_pretrained(model, d, max_shard_size=3000)  # shards again: the single file goes
+    assert (d / INDEX_NAME).is_file() and not (d / WEIGHTS_NAME).exists()
+    listed = set(json.loads((d / INDEX_NAME).read_text())["weight_map"].values())
+    assert {p.name for p in d.glob("model-*.safetensors")} == listed
+    assert _same_weights(switchformer.from_pretrained(d), model)

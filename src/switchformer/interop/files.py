@@ -150,17 +150,16 @@ def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
                   max_shard_size: int | str, metadata: Mapping[str, str] | None = None) -> list[Path]:
     """Write tensors as ``model.safetensors``, or as shards plus an index when they exceed ``max_shard_size``.
 
-    Shards follow transformers' naming; one shard is in memory at a time. Stale weight files of an earlier save in
-    ``directory`` are removed first (they would be picked up next to the new index).
+    Shards follow transformers' naming; one shard is in memory at a time. Weight files of an earlier save in
+    ``directory`` that the new one does not overwrite are removed last (they would be picked up next to the new
+    index), so a crash midway leaves the earlier index and its shards readable where their names were not reused.
 
     Returns:
         The files written, in order.
     """
     directory = Path(directory)
     limit = parse_size(max_shard_size)
-    for old in [*directory.glob("model-*-of-*.safetensors"), directory / WEIGHTS_NAME, directory / INDEX_NAME]:
-        if old.is_file():
-            old.unlink()
+    stale = {*directory.glob("model-*-of-*.safetensors"), directory / WEIGHTS_NAME, directory / INDEX_NAME}
     groups: list[list[str]] = [[]]
     size = 0
     for k, t in tensors.items():
@@ -179,7 +178,11 @@ def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for name, keys in zip(names, groups, strict=True) for k in keys}}
         write_text_atomic(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    return [directory / name for name in names]
+    written = [directory / name for name in names]
+    for old in stale - set(written) - ({directory / INDEX_NAME} if n > 1 else set()):
+        if old.is_file() or old.is_symlink():
+            old.unlink()
+    return written
 
 
 def read_index(index: str | os.PathLike) -> dict[str, Path]:
