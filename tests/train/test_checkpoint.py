@@ -252,3 +252,29 @@ def test_checkpoint_of_another_model_raises_at_once_without_fallback(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(ck.CheckpointError, match=r"step_000002.model\.safetensors does not match the model"):
             ck.load_latest(tmp_path, other)
+
+
+def test_garbage_latest_pointer_does_not_block_resume_or_eval(tmp_path):
+    """End to end on configs/tiny_test.toml: random bytes in ``latest`` and a kill's leftover temporary folder; a
+    resumed run and ``load_run`` (what eval and generate use) both continue from the newest valid checkpoint."""
+    from pathlib import Path
+
+    from switchformer.config import apply_overrides, load_toml
+    from switchformer.train.loop import train
+    from switchformer.train.runs import load_run
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_test.toml"
+    cfg = apply_overrides(load_toml(tiny), [f"out_dir={tmp_path}", "name=run", "train.num_threads=1",
+                                            "train.steps=2", "train.checkpoint_every=1", "train.eval_every=2"])
+    run = train(cfg, print_fn=lambda s: None).run_dir
+    root = run / "checkpoints"
+    (root / "latest").write_bytes(os.urandom(64) + b"\xff")
+    (root / "step_000002" / ck.MODEL_FILE).write_bytes(b"torn")  # the newest one is corrupt too
+    (root / f".tmp_step_000003_{os.getpid()}").mkdir()
+    with pytest.warns(UserWarning, match="latest"):
+        assert load_run(run).step == 1
+    printed: list[str] = []
+    result = train(apply_overrides(cfg, ["train.steps=3"]), resume=True, run_dir=run, print_fn=printed.append)
+    assert any("latest" in line for line in printed) and any("step_000001" in line for line in printed), printed
+    assert not list(root.glob(".tmp_step_*"))
+    assert ck.load_latest(result.run_dir, load_run(run).model).step == 3
