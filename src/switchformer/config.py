@@ -90,6 +90,53 @@ class MoEConfig:
     second_expert_threshold: float = 0.0
     """Top-2 'random' policy: use the 2nd expert with probability min(1, g2/threshold); 0 disables (always use)."""
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range when the config is made: ``ConfigError`` names the field and the fix."""
+        import math
+
+        from switchformer.errors import ConfigError
+
+        def fail(name: str, need: str, fix: str = "") -> None:
+            value = getattr(self, name)
+            raise ConfigError(f"moe.{name} must be {need}, got {value!r}" + (f"; {fix}" if fix else ""))
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("num_experts", "top_k", "ntlb_top_k"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "a positive int")
+        if self.top_k > self.num_experts:
+            fail("top_k", f"at most num_experts={self.num_experts}", "lower top_k or add experts")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (is_real(value) and value > 0):
+                fail(name, "a finite number > 0, or None for dropless routing", "1.0-2.0 is typical (paper Table 1)")
+        for name in ("expert_capacity", "group_size"):
+            value = getattr(self, name)
+            if value is not None and not (is_int(value) and value >= 1):
+                fail(name, "a positive int or None")
+        if not is_int(self.min_capacity) or self.min_capacity < 0:
+            fail("min_capacity", "an int >= 0", "4 is Mesh TensorFlow's default")
+        if self.router_dtype not in ("float32", "bfloat16", "float16"):
+            fail("router_dtype", "one of 'float32', 'bfloat16', 'float16'", "float32 is selective precision (§2.4)")
+        if self.exploration not in ("input_jitter", "argmax", "sample", "input_dropout"):
+            fail("exploration", "one of 'input_jitter', 'argmax', 'sample', 'input_dropout' (paper App. C)")
+        for name in ("jitter_eps", "router_input_dropout", "expert_dropout"):
+            value = getattr(self, name)
+            if not (is_real(value) and 0 <= value < 1):
+                fail(name, "a number in [0, 1)")
+        if not (is_real(self.second_expert_threshold) and 0 <= self.second_expert_threshold <= 1):
+            fail("second_expert_threshold", "a number in [0, 1]", "0 always uses the second expert")
+        for name in ("batch_prioritized_routing", "no_token_left_behind"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.no_token_left_behind and self.top_k != 1:
+            fail("no_token_left_behind", "False when top_k > 1", "No-Token-Left-Behind re-routes top-1 tokens")
+
 
 @dataclass
 class ModelConfig:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from switchformer.config import ModelConfig
+from switchformer.dtypes import parse_dtype
 from switchformer.moe.experts import truncated_normal_
 from switchformer.moe.router import Router, load_balancing_loss, router_z_loss, top_k_lowest_index
 
@@ -246,7 +247,7 @@ class Attention(nn.Module):
         if self.switch:
             moe = cfg.moe
             kw = dict(
-                router_dtype=getattr(torch, moe.router_dtype), exploration=moe.exploration,
+                router_dtype=parse_dtype(moe.router_dtype, name="moe.router_dtype"), exploration=moe.exploration,
                 jitter_eps=moe.jitter_eps, router_input_dropout=moe.router_input_dropout,
             )
             self.q = RoutedLinear(cfg.d_model, self.inner, moe.num_experts, **kw)

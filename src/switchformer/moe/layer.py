@@ -13,18 +13,20 @@ Shape suffixes: T tokens, K choices per token, E experts, M d_model.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from switchformer.config import MoEConfig
+from switchformer.dtypes import parse_dtype
+from switchformer.errors import ConfigError
 from switchformer.moe.dispatch import Dispatcher, LocalDispatcher, expert_capacity, plan_routing
-from switchformer.moe.experts import Experts, truncated_normal_
-from switchformer.runtime import tune_malloc_once
+from switchformer.moe.experts import ACTIVATIONS, Experts, truncated_normal_
 from switchformer.moe.router import Router, load_balancing_loss, router_z_loss, top_k_lowest_index
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from switchformer.runtime import tune_malloc_once
 
 
 @dataclass
@@ -54,6 +56,19 @@ class MoEAux:
     capacity: int | None
 
 
+def _setting(name: str, settable: bool) -> property:
+    """A SwitchFFN attribute that reads (and, for capacity settings, writes through a re-validated copy of) the
+    layer's ``MoEConfig``: the config is the one home of the layer's settings."""
+
+    def get(self):
+        return getattr(self.config, name)
+
+    def set_(self, value) -> None:
+        self.config = dataclasses.replace(self.config, **{name: value})
+
+    return property(get, set_ if settable else None, doc=f"``self.config.{name}``")
+
+
 class SwitchFFN(nn.Module):
     """The Switch feed-forward layer.
 
@@ -79,6 +94,18 @@ class SwitchFFN(nn.Module):
         init_scale: truncated normal std sqrt(init_scale / fan_in) for router and experts (§2.4, Table 3).
         dispatcher: how tokens reach the experts; default ``LocalDispatcher()``. Expert parallelism swaps it.
     """
+
+    num_experts = _setting("num_experts", False)
+    top_k = _setting("top_k", False)
+    batch_prioritized_routing = _setting("batch_prioritized_routing", False)
+    no_token_left_behind = _setting("no_token_left_behind", False)
+    ntlb_top_k = _setting("ntlb_top_k", False)
+    # Capacity settings may change on a built layer (generation runs dropless); each change is validated.
+    capacity_factor = _setting("capacity_factor", True)
+    eval_capacity_factor = _setting("eval_capacity_factor", True)
+    expert_capacity = _setting("expert_capacity", True)
+    min_capacity = _setting("min_capacity", True)
+    group_size = _setting("group_size", True)
 
     def __init__(
         self,
@@ -106,38 +133,40 @@ class SwitchFFN(nn.Module):
         dispatcher: Dispatcher | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if top_k > num_experts:
-            raise ValueError(f"top_k={top_k} cannot exceed num_experts={num_experts}")
-        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, or None for dropless routing; got {value!r}")
-        for name, value in (("expert_capacity", expert_capacity), ("group_size", group_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if min_capacity < 0:
-            raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
-        if no_token_left_behind and top_k != 1:
-            raise ValueError("no_token_left_behind re-routes top-1 tokens; it needs top_k=1")
-        if isinstance(router_dtype, str):
-            if router_dtype not in _DTYPES:
-                raise ValueError(f"router_dtype must be one of {sorted(_DTYPES)}, got {router_dtype!r}")
-            router_dtype = _DTYPES[router_dtype]
-        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.expert_capacity, self.min_capacity, self.group_size = expert_capacity, min_capacity, group_size
-        self.batch_prioritized_routing = batch_prioritized_routing
-        self.no_token_left_behind, self.ntlb_top_k = no_token_left_behind, min(ntlb_top_k, num_experts)
-        self.router = Router(
-            d_model, num_experts, top_k=top_k, router_dtype=router_dtype, exploration=exploration,
+        # The routing settings are validated in one place, MoEConfig; the keyword form builds one.
+        dtype = parse_dtype(router_dtype, name="router_dtype")
+        cfg = MoEConfig(
+            num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor, expert_capacity=expert_capacity, min_capacity=min_capacity,
+            group_size=group_size, router_dtype=str(dtype).removeprefix("torch."), exploration=exploration,
             jitter_eps=jitter_eps, router_input_dropout=router_input_dropout,
-            second_expert_threshold=second_expert_threshold,
+            batch_prioritized_routing=batch_prioritized_routing, no_token_left_behind=no_token_left_behind,
+            ntlb_top_k=ntlb_top_k, expert_dropout=expert_dropout, second_expert_threshold=second_expert_threshold,
+        )
+        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (
+            math.isfinite(init_scale) and init_scale > 0
+        ):
+            raise ConfigError(f"init_scale must be a finite number > 0 (paper §2.4: 0.1), got {init_scale!r}")
+        if dispatcher is not None and not (
+            callable(getattr(dispatcher, "dispatch", None)) and callable(getattr(dispatcher, "combine", None))
+        ):
+            raise TypeError(f"dispatcher must have dispatch() and combine() methods, got {type(dispatcher).__name__}")
+        self.config = cfg
+        self.d_model = d_model
+        self.router = Router(
+            d_model, cfg.num_experts, top_k=cfg.top_k, router_dtype=dtype, exploration=cfg.exploration,
+            jitter_eps=cfg.jitter_eps, router_input_dropout=cfg.router_input_dropout,
+            second_expert_threshold=cfg.second_expert_threshold,
         )
         truncated_normal_(self.router.weight.data, d_model, init_scale)
         self.experts = Experts(
-            num_experts, d_model, d_ff, activation=activation, expert_dropout=expert_dropout, init_scale=init_scale
+            cfg.num_experts, d_model, d_ff, activation=activation, expert_dropout=cfg.expert_dropout,
+            init_scale=init_scale,
         )
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         if self.experts.w_in.device.type == "cpu":
@@ -147,18 +176,14 @@ class SwitchFFN(nn.Module):
 
     @classmethod
     def from_config(
-        cls, d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str = "relu", init_scale: float = 0.1
+        cls, d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str = "relu", init_scale: float = 0.1,
+        dispatcher: Dispatcher | None = None,
     ) -> SwitchFFN:
-        """Build from a ``MoEConfig`` (the models' path)."""
-        return cls(
-            d_model, d_ff, cfg.num_experts, cfg.capacity_factor, cfg.eval_capacity_factor, top_k=cfg.top_k,
-            expert_capacity=cfg.expert_capacity, min_capacity=cfg.min_capacity, group_size=cfg.group_size,
-            router_dtype=cfg.router_dtype, exploration=cfg.exploration, jitter_eps=cfg.jitter_eps,
-            router_input_dropout=cfg.router_input_dropout, batch_prioritized_routing=cfg.batch_prioritized_routing,
-            no_token_left_behind=cfg.no_token_left_behind, ntlb_top_k=cfg.ntlb_top_k,
-            expert_dropout=cfg.expert_dropout, second_expert_threshold=cfg.second_expert_threshold,
-            activation=activation, init_scale=init_scale,
-        )
+        """Build from a ``MoEConfig`` (the models' path); the config is checked again, in case it was edited."""
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a switchformer.config.MoEConfig, got {type(cfg).__name__}")
+        return cls(d_model, d_ff, **dataclasses.asdict(cfg), activation=activation, init_scale=init_scale,
+                   dispatcher=dispatcher)
 
     def _check_input(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
         if not isinstance(x, torch.Tensor):
@@ -170,11 +195,29 @@ class SwitchFFN(nn.Module):
                 f"x must be [batch, seq, d_model] or [tokens, d_model] with d_model={self.d_model}, "
                 f"got shape {tuple(x.shape)}"
             )
-        if padding_mask is not None and tuple(padding_mask.shape) != tuple(x.shape[:-1]):
+        if x.dtype != self.experts.w_in.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's experts are {self.experts.w_in.dtype}; convert one, e.g. "
+                f"layer.to({x.dtype}) or x.to({self.experts.w_in.dtype})"
+            )
+        if padding_mask is None:
+            return
+        if not isinstance(padding_mask, torch.Tensor):
+            raise TypeError(
+                f"padding_mask must be a bool torch.Tensor of shape {tuple(x.shape[:-1])} (True = real token), got "
+                f"{type(padding_mask).__name__}"
+            )
+        if tuple(padding_mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(
                 f"padding_mask must have shape {tuple(x.shape[:-1])} (x without d_model), got "
                 f"{tuple(padding_mask.shape)}"
             )
+        if padding_mask.dtype != torch.bool and (
+            padding_mask.is_complex() or not bool(((padding_mask == 0) | (padding_mask == 1)).all())
+        ):
+            raise ValueError("padding_mask must be bool or hold only 0 and 1 (1 = real token)")
+        if padding_mask.device != x.device:
+            raise ValueError(f"padding_mask is on {padding_mask.device}, x on {x.device}; move them to one device")
 
     def _groups(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Routing group of each token, the number of groups, and the tokens per group."""
@@ -182,7 +225,8 @@ class SwitchFFN(nn.Module):
         if self.expert_capacity is not None:
             seq = x.shape[1] if x.dim() == 3 else num_tokens  # transformers: each sequence is a group
         else:
-            seq = self.group_size or max(num_tokens, 1)
+            seq = self.group_size or num_tokens
+        seq = max(seq, 1)  # an empty input is one empty group
         num_groups = max(-(-num_tokens // seq), 1)
         group_T = torch.arange(num_tokens, device=x.device) // seq
         return group_T, num_groups, seq
@@ -224,7 +268,7 @@ class SwitchFFN(nn.Module):
             priority_T[by_group] = torch.arange(by_group.numel(), device=x.device)
         fallback_index = fallback_gates = None
         if self.no_token_left_behind and capacity is not None:
-            ranked_gates, ranked = top_k_lowest_index(routed.probs_TE, self.ntlb_top_k)
+            ranked_gates, ranked = top_k_lowest_index(routed.probs_TE, min(self.ntlb_top_k, self.num_experts))
             fallback_index, fallback_gates = ranked[:, 1:], ranked_gates[:, 1:]
         plan = plan_routing(
             routed.expert_index_TK, routed.gates_TK, routed.use_TK, num_experts=self.num_experts, group_T=group_T,
