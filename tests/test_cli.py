@@ -28,7 +28,7 @@ def test_help(cmd, capsys):
 def test_console_script_help():
     exe = Path(sys.executable).parent / "switchformer"
     out = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--decoder-only" in out and "--resume" in out
+    assert "--decoder-only" in out and "--resume" in out and "--debug" in out
 
 
 def test_default_and_decoder_recipes():
@@ -118,7 +118,7 @@ def _one_error_line(capsys, *needles):
         (["train", "--config", "no-such-recipe"], ["config 'no-such-recipe' not found"]),
         (["eval", "{tmp}/nowhere"], ["is not a run directory"]),
         (["generate", "--prompt", "x"], ["generate needs RUN_DIR, --model-dir or --preset"]),
-        (["generate", "--preset", "switch-base-8", "--prompt", "x", "--tokenizer", "{tmp}/none.model"],
+        (["generate", "--preset", "tiny", "--prompt", "x", "--tokenizer", "{tmp}/none.model"],
          ["does not exist"]),
         (["train", "--resume", "{tmp}"], ["is not a run directory"]),
         (["plot", "{tmp}/nowhere"], ["nowhere"]),

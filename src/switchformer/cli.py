@@ -75,10 +75,10 @@ def _resume_target(resume: bool | str, items: list[str]) -> tuple[Path | None, l
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from switchformer.runtime import reuse_freed_memory
+    from switchformer.runtime import tune_malloc_once
     from switchformer.train.loop import train
 
-    reuse_freed_memory()  # stacked expert gradients would page-fault afresh every step (switchformer.runtime)
+    tune_malloc_once()  # as the first CPU Switch layer would; also for dense runs (opt out: switchformer.runtime)
 
     run_dir, items = _resume_target(args.resume, args.overrides)
     config, overrides = _split_positional(items)
@@ -106,10 +106,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from switchformer.runtime import reuse_freed_memory
+    from switchformer.runtime import tune_malloc_once
     from switchformer.train.compare import compare
 
-    reuse_freed_memory()
+    tune_malloc_once()
 
     config, overrides = _split_positional(args.overrides)
     cfg = build_config(args.config or config, overrides, args.decoder_only)
@@ -136,9 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from switchformer.train.runs import generate_text, load_run
 
+    tok = None
+    if args.tokenizer is not None:  # before any model is built: a wrong path fails at once
+        from switchformer.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(args.tokenizer)
     if args.run_dir is not None:
         run = load_run(args.run_dir, args.device)
-        model, tok = run.model, run.tokenizer
+        model, tok = run.model, tok if tok is not None else run.tokenizer
     else:
         from switchformer.models import build_model
         from switchformer.models.presets import get_preset
@@ -151,11 +156,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model = build_model(get_preset(args.preset)).eval()  # random weights: a smoke test of generation
         else:
             raise ConfigError("generate needs RUN_DIR, --model-dir or --preset")
-        tok = None
-    if args.tokenizer is not None:
-        from switchformer.data.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_file(args.tokenizer)
     if tok is None:
         raise ConfigError("no tokenizer: pass --tokenizer PATH/spiece.model")
     text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

@@ -47,6 +47,7 @@ from switchformer.data.span_corruption import (
     span_corruption_lengths,
 )
 from switchformer.data.tokenizer import Tokenizer
+from switchformer.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +123,20 @@ class BatchLoader:
         world_size: int = 1,
     ) -> None:
         if split not in _SPLIT_SALT:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
         if arch not in ("encoder_decoder", "decoder_only"):
-            raise ValueError(f"model_arch must be 'encoder_decoder' or 'decoder_only', got {arch!r}")
+            raise DataError(f"model_arch must be 'encoder_decoder' or 'decoder_only', got {arch!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if input_length < 2:
-            raise ValueError(f"data.input_length must be >= 2, got {input_length}")
+            raise DataError(f"data.input_length must be >= 2, got {input_length}")
         if int(seed) < 0:
-            raise ValueError(f"data.seed must be >= 0, got {seed}")
+            raise DataError(f"data.seed must be >= 0, got {seed}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or len(tokens) < 2:
-            raise ValueError(
+            raise DataError(
                 f"the {split} split has {len(tokens)} tokens; it needs at least 2 "
                 "(add text or change data.val_fraction)"
             )
@@ -153,13 +154,13 @@ class BatchLoader:
         self.world_size = world_size
         if arch == "encoder_decoder":
             if first_sentinel_id is None:
-                raise ValueError("encoder-decoder batches need first_sentinel_id (the id of <extra_id_0>)")
+                raise DataError("encoder-decoder batches need first_sentinel_id (the id of <extra_id_0>)")
             self.raw_length, self.targets_length = span_corruption_lengths(
                 input_length, noise_density, mean_noise_span_length
             )
             max_spans = _counts(self.raw_length, noise_density, mean_noise_span_length)[1]
             if max_spans > num_sentinels:
-                raise ValueError(
+                raise DataError(
                     f"a chunk of {self.raw_length} tokens has {max_spans} noise spans but only {num_sentinels} "
                     "sentinels exist; raise data.num_sentinels or lower data.input_length"
                 )
@@ -318,17 +319,17 @@ class BatchLoader:
         batch size or world size is allowed: the position counts chunks, so no data is skipped or repeated.
         """
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {_STATE_VERSION}")
+            raise DataError(f"loader state version {state.get('version')!r} != {_STATE_VERSION}")
         mine = self.state_dict()
         for key in ("split", "arch", "seed", "num_chunks", "tokens_fingerprint"):
             if state.get(key) != mine[key]:
-                raise ValueError(
+                raise DataError(
                     f"loader state was saved with {key}={state.get(key)!r} but this loader has {mine[key]!r}; "
                     "resume with the same data, tokenizer, data.seed and data.input_length"
                 )
         position = state["position"]
         if not isinstance(position, int) or position < 0:
-            raise ValueError(f"loader state position must be a non-negative int, got {position!r}")
+            raise DataError(f"loader state position must be a non-negative int, got {position!r}")
         self.position = position
 
     def __repr__(self) -> str:
@@ -372,19 +373,19 @@ def make_loader(
         The :class:`BatchLoader`.
     """
     if model_arch not in _ARCH_OBJECTIVE:
-        raise ValueError(f"model_arch must be 'encoder_decoder' or 'decoder_only', got {model_arch!r}")
+        raise DataError(f"model_arch must be 'encoder_decoder' or 'decoder_only', got {model_arch!r}")
     if cfg.objective != _ARCH_OBJECTIVE[model_arch]:
-        raise ValueError(
+        raise DataError(
             f"data.objective={cfg.objective!r} does not fit a {model_arch} model; set "
             f"data.objective={_ARCH_OBJECTIVE[model_arch]}"
         )
     if split not in _SPLIT_SALT:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
     corpus = texts if isinstance(texts, Corpus) else None
     if corpus is not None:
         texts = corpus.train_texts if split == "train" else corpus.val_texts
     if not texts:
-        raise ValueError(f"the {split} split has no documents; add text or change data.val_fraction")
+        raise DataError(f"the {split} split has no documents; add text or change data.val_fraction")
     tokens = tokenize_texts(tok, texts, cache_dir)
     if corpus is not None:
         corpus.num_tokens[split] = int(len(tokens))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from switchformer.config import DataConfig
+from switchformer.errors import DataError
 
 # Directory names left out of the "stdlib" corpus: tests (mostly data and generated cases), IDLE, third-party
 # packages, caches, demo scripts and bundled wheels.
@@ -129,7 +130,7 @@ class _Budget:
 
     def __init__(self, max_bytes: int | None) -> None:
         if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"data.max_bytes must be positive or None, got {max_bytes}")
+            raise DataError(f"data.max_bytes must be positive or None, got {max_bytes}")
         self.left = max_bytes
         self.exhausted = False
 
@@ -154,13 +155,13 @@ class _Budget:
 def _check_bytes(data: bytes, where: str) -> str:
     """Decode a file's bytes as UTF-8, rejecting empty, binary and mis-encoded input with a clear error."""
     if not data.strip():
-        raise ValueError(f"input file {where!r} is empty; remove it from data.corpus")
+        raise DataError(f"input file {where!r} is empty; remove it from data.corpus")
     if b"\x00" in data:
-        raise ValueError(f"input file {where!r} looks binary (contains NUL bytes); data.corpus takes text files")
+        raise DataError(f"input file {where!r} looks binary (contains NUL bytes); data.corpus takes text files")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise DataError(
             f"input file {where!r} is not valid UTF-8 (byte {e.start}: {e.reason}); convert it, e.g. "
             f"`iconv -f latin1 -t utf-8`"
         ) from e
@@ -208,7 +209,7 @@ def _expand(part: str) -> list[tuple[Path, str]]:
     if glob.has_magic(part):
         matches = sorted(p for p in glob.glob(part, recursive=True) if Path(p).is_file())
         if not matches:
-            raise ValueError(f"data.corpus pattern {part!r} matches no file")
+            raise DataError(f"data.corpus pattern {part!r} matches no file")
         base = _glob_base(part)
         return [(Path(m), Path(os.path.relpath(m, base)).as_posix()) for m in matches]
     p = Path(part)
@@ -217,12 +218,12 @@ def _expand(part: str) -> list[tuple[Path, str]]:
             return [(p, p.name)]
         files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in _TEXT_SUFFIXES)
         if not files:
-            raise ValueError(
+            raise DataError(
                 f"data.corpus directory {part!r} holds no text files (suffixes {sorted(_TEXT_SUFFIXES)})"
             )
         return [(q, q.relative_to(p).as_posix()) for q in files]
     if not p.exists():
-        raise ValueError(f"data.corpus input {part!r} does not exist (give files, directories, globs or hf:NAME)")
+        raise DataError(f"data.corpus input {part!r} does not exist (give files, directories, globs or hf:NAME)")
     return [(p, p.name)]
 
 
@@ -237,7 +238,7 @@ def _import_datasets(what: str):
     try:
         import datasets  # noqa: PLC0415  (optional dependency, imported only when used)
     except ImportError as e:
-        raise ValueError(
+        raise DataError(
             f"{what} needs the `datasets` package, which is not installed: pip install datasets "
             "(or pip install 'switchformer[data]')"
         ) from e
@@ -247,41 +248,41 @@ def _import_datasets(what: str):
 def _text_of(record: object, text_field: str, where: str) -> str:
     if not isinstance(record, dict) or text_field not in record:
         fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where} has no field {text_field!r} (has {fields}); set data.text_field")
+        raise DataError(f"{where} has no field {text_field!r} (has {fields}); set data.text_field")
     text = record[text_field]
     if text is None:
         return ""
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
     return text
 
 
 def _jsonl_documents(path: Path, name: str, text_field: str) -> Iterator[tuple[str, str]]:
     """One document per JSON line (blank lines and empty texts skipped)."""
     if path.stat().st_size == 0:
-        raise ValueError(f"input file {str(path)!r} is empty; remove it from data.corpus")
+        raise DataError(f"input file {str(path)!r} is empty; remove it from data.corpus")
     found = False
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             if b"\x00" in raw:
-                raise ValueError(f"input file {str(path)!r} looks binary (NUL byte on line {lineno})")
+                raise DataError(f"input file {str(path)!r} looks binary (NUL byte on line {lineno})")
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"input file {where!r} is not valid UTF-8 (byte {e.start}); convert it") from e
+                raise DataError(f"input file {where!r} is not valid UTF-8 (byte {e.start}); convert it") from e
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); a .jsonl file needs one object per line") from e
+                raise DataError(f"{where}: invalid JSON ({e.msg}); a .jsonl file needs one object per line") from e
             text = _text_of(record, text_field, where)
             found = True
             if text.strip():
                 yield f"{name}#{lineno}", text
     if not found:
-        raise ValueError(f"input file {str(path)!r} is empty (no JSON records); remove it from data.corpus")
+        raise DataError(f"input file {str(path)!r} is empty (no JSON records); remove it from data.corpus")
 
 
 def _parquet_documents(path: Path, name: str, text_field: str) -> Iterator[tuple[str, str]]:
@@ -289,16 +290,16 @@ def _parquet_documents(path: Path, name: str, text_field: str) -> Iterator[tuple
     try:
         import pyarrow.parquet as pq  # noqa: PLC0415  (optional dependency)
     except ImportError as e:
-        raise ValueError(
+        raise DataError(
             f"reading {str(path)!r} needs the `pyarrow` package, which is not installed: pip install pyarrow"
         ) from e
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid on non-parquet bytes
-        raise ValueError(f"input file {str(path)!r} is not a readable Parquet file ({e})") from e
+        raise DataError(f"input file {str(path)!r} is not a readable Parquet file ({e})") from e
     columns = pf.schema_arrow.names
     if text_field not in columns:
-        raise ValueError(
+        raise DataError(
             f"input file {str(path)!r} has no column {text_field!r} (has {columns}); set data.text_field"
         )
     row = 0
@@ -308,7 +309,7 @@ def _parquet_documents(path: Path, name: str, text_field: str) -> Iterator[tuple
                 yield f"{name}#{row}", text
             row += 1
     if row == 0:
-        raise ValueError(f"input file {str(path)!r} is empty (no rows); remove it from data.corpus")
+        raise DataError(f"input file {str(path)!r} is empty (no rows); remove it from data.corpus")
 
 
 def _datasets_documents(ds, name: str, text_field: str) -> Iterator[tuple[str, str]]:
@@ -325,7 +326,7 @@ def _load_from_disk(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
         split = "train" if "train" in ds else sorted(ds)[0]
         ds = ds[split]
     if len(ds) == 0:
-        raise ValueError(f"the datasets directory {str(path)!r} is empty")
+        raise DataError(f"the datasets directory {str(path)!r} is empty")
     return _datasets_documents(ds, path.name, text_field)
 
 
@@ -333,12 +334,12 @@ def _hub_documents(spec: str, text_field: str) -> Iterator[tuple[str, str]]:
     """``hf:NAME[:CONFIG]``: the streamed train split of a Hub dataset."""
     name, _, config = spec[len("hf:") :].partition(":")
     if not name:
-        raise ValueError(f"data.corpus {spec!r}: write hf:NAME or hf:NAME:CONFIG, e.g. hf:allenai/c4:en")
+        raise DataError(f"data.corpus {spec!r}: write hf:NAME or hf:NAME:CONFIG, e.g. hf:allenai/c4:en")
     datasets = _import_datasets(f"data.corpus={spec}")
     try:
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as e:  # offline, unknown name, gated dataset: all surface here
-        raise ValueError(
+        raise DataError(
             f"could not open Hugging Face dataset {name!r} (config {config or None!r}): {type(e).__name__}: {e}. "
             "Streaming needs the Hub; offline, run `datasets.load_dataset(...).save_to_disk(DIR)` on a connected "
             "machine, copy DIR here and set data.corpus=DIR"
@@ -403,10 +404,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         the file.
     """
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     spec = cfg.corpus.strip()
     if not spec:
-        raise ValueError("data.corpus is empty; use 'stdlib', paths/globs, or hf:NAME")
+        raise DataError("data.corpus is empty; use 'stdlib', paths/globs, or hf:NAME")
     budget = _Budget(cfg.max_bytes)
     notes: list[str] = []
     docs: list[tuple[str, str]] = []
@@ -452,10 +453,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                     take_all(_parquet_documents(path, name, cfg.text_field))
                 else:
                     if not path.is_file():
-                        raise ValueError(f"data.corpus input {str(path)!r} is not a regular file")
+                        raise DataError(f"data.corpus input {str(path)!r} is not a regular file")
                     take_all(iter([(name, _check_bytes(path.read_bytes(), str(path)))]))
     if not docs:
-        raise ValueError(f"data.corpus {spec!r} yielded no text (max_bytes={cfg.max_bytes})")
+        raise DataError(f"data.corpus {spec!r} yielded no text (max_bytes={cfg.max_bytes})")
 
     train, val = _split(docs, cfg.val_fraction, notes)
     h = hashlib.sha256()

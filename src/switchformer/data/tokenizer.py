@@ -73,15 +73,15 @@ class Tokenizer:
             source: where the model came from, for error messages.
         """
         if num_sentinels < 0:
-            raise ValueError(f"num_sentinels must be >= 0, got {num_sentinels}")
+            raise DataError(f"num_sentinels must be >= 0, got {num_sentinels}")
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(model_proto)
         except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on garbage
-            raise ValueError(f"{source} is not a SentencePiece model ({e}); pass a spiece.model file") from e
+            raise DataError(f"{source} is not a SentencePiece model ({e}); pass a spiece.model file") from e
         got = (sp.pad_id(), sp.eos_id(), sp.unk_id())
         if got != (PAD_ID, EOS_ID, UNK_ID):
-            raise ValueError(
+            raise DataError(
                 f"{source} has (pad, eos, unk) ids {got}; switchformer needs T5's layout (0, 1, 2). Retrain it with "
                 "pad_id=0 eos_id=1 unk_id=2 bos_id=-1, or set data.tokenizer to nothing to train one on the corpus"
             )
@@ -102,7 +102,7 @@ class Tokenizer:
         if p.is_dir():
             p = p / "spiece.model"
         if not p.is_file():
-            raise ValueError(f"tokenizer file {str(p)!r} does not exist; set data.tokenizer to a spiece.model path")
+            raise DataError(f"tokenizer file {str(p)!r} does not exist; give the path of a spiece.model file")
         return cls(p.read_bytes(), num_sentinels=num_sentinels, source=str(p))
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -116,7 +116,7 @@ class Tokenizer:
     def sentinel_id(self, i: int) -> int:
         """Id of ``<extra_id_i>``: ``vocab_size - 1 - i`` (T5: sentinel 0 is the last id)."""
         if not 0 <= i < self.num_sentinels:
-            raise ValueError(
+            raise DataError(
                 f"sentinel index {i} out of range [0, {self.num_sentinels}); a sequence needs one sentinel per "
                 "noise span: raise data.num_sentinels or lower data.input_length"
             )
@@ -155,7 +155,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"ids {bad[:5]} are outside [0, {self.vocab_size}); drop label padding (-100) before decoding"
             )
         parts: list[str] = []
@@ -242,9 +242,9 @@ def train_tokenizer(
         The trained :class:`Tokenizer`.
     """
     if vocab_size < 300:
-        raise ValueError(f"data.vocab_size must be >= 300 (256 byte pieces + specials + a few), got {vocab_size}")
+        raise DataError(f"data.vocab_size must be >= 300 (256 byte pieces + specials + a few), got {vocab_size}")
     if not any(t.strip() for t in texts):
-        raise ValueError("cannot train a tokenizer on empty texts; check data.corpus")
+        raise DataError("cannot train a tokenizer on empty texts; check data.corpus")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -293,7 +293,7 @@ def get_tokenizer(cfg: DataConfig, corpus, cache_dir: str | os.PathLike | None =
     if cfg.tokenizer:
         return Tokenizer.from_file(cfg.tokenizer, num_sentinels=cfg.num_sentinels)
     if corpus is None:
-        raise ValueError("get_tokenizer needs a corpus to train on when data.tokenizer is not set")
+        raise DataError("get_tokenizer needs a corpus to train on when data.tokenizer is not set")
     key = hashlib.sha256(f"{corpus.fingerprint}|{cfg.vocab_size}|{_TRAINER_VERSION}".encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"spm_{key}_v{cfg.vocab_size}.model" if cache_dir is not None else None
     if path is not None and path.is_file():
