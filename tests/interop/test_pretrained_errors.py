@@ -9,11 +9,13 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import switchformer
 from switchformer.config import ModelConfig, MoEConfig
 from switchformer.errors import CheckpointError
-from switchformer.interop import INDEX_NAME, WEIGHTS_NAME
+from switchformer.interop import INDEX_NAME, WEIGHTS_NAME, config_from_hf, config_to_hf
 from switchformer.interop import files as F
 from switchformer.models import build_model
 
@@ -190,3 +192,30 @@ def test_resave_switches_between_single_file_and_shards_without_stale_files(save
     listed = set(json.loads((d / INDEX_NAME).read_text())["weight_map"].values())
     assert {p.name for p in d.glob("model-*.safetensors")} == listed
     assert _same_weights(switchformer.from_pretrained(d), model)
+
+
+SWITCH_FIELDS = [
+    "vocab_size", "d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers",
+    "num_sparse_encoder_layers", "num_sparse_decoder_layers", "encoder_sparse_step", "decoder_sparse_step",
+    "num_experts", "expert_capacity", "router_bias", "router_jitter_noise", "router_dtype",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon",
+    "router_z_loss_coef", "router_aux_loss_coef", "feed_forward_proj", "dense_act_fn", "is_gated_act",
+    "tie_word_embeddings", "pad_token_id", "eos_token_id", "decoder_start_token_id", "model_type", "switchformer",
+]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.dictionaries(st.sampled_from(SWITCH_FIELDS), JSON_VALUES, min_size=1, max_size=3))
+def test_any_json_value_in_config_gives_a_config_or_a_checkpoint_error(edits):
+    """Whatever JSON a config.json holds, the translation returns a valid ModelConfig or raises CheckpointError."""
+    base = {k: v for k, v in config_to_hf(TINY).items() if k != "switchformer"}
+    try:
+        cfg = config_from_hf({**base, **edits}, source="config.json")
+    except CheckpointError as e:
+        assert "config.json" in str(e)
+        return
+    assert isinstance(cfg, ModelConfig)
