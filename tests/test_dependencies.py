@@ -2,9 +2,12 @@
 (sentencepiece, tqdm, matplotlib: the `train` extra) are imported only where needed, and their absence is a
 one-line error naming the extra."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_EXTRA = ("sentencepiece", "tqdm", "matplotlib")
@@ -59,21 +62,14 @@ sys.exit(main(["train", {str(tiny)!r}, "out_dir={tmp_path}", "train.num_threads=
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "sentencepiece" in lines[0] and "pip install 'switchformer[train]'" in lines[0]
-    code = f"""
-import sys
-sys.modules["tqdm"] = None
-from switchformer.cli import main
-sys.exit(main(["train", {str(tiny)!r}, "out_dir={tmp_path}", "train.num_threads=1", "train.progress=true"]))
-"""
-    proc = _python(code)
-    assert proc.returncode == 2 and "tqdm" in proc.stderr and "switchformer[train]" in proc.stderr, proc.stderr
-    code = """
-import sys
-sys.modules["matplotlib"] = None
-from switchformer.plot import plot_losses
-try:
-    plot_losses([], "x.png")
-except ModuleNotFoundError as e:
-    print(e)
-"""
-    assert "pip install 'switchformer[train]'" in _python(code).stdout
+
+
+@pytest.mark.parametrize("package", ["tqdm", "matplotlib"])
+def test_missing_progress_bar_or_plot_package_names_the_extra(package, monkeypatch):
+    from switchformer.plot import plot_losses
+    from switchformer.train.loop import _progress_bar
+
+    monkeypatch.setitem(sys.modules, package, None)
+    monkeypatch.setitem(sys.modules, f"{package}.auto", None)
+    with pytest.raises(ModuleNotFoundError, match=re.escape(f" {package}: pip install 'switchformer[train]'")):
+        _progress_bar(3, 0, "run") if package == "tqdm" else plot_losses([], "x.png")
