@@ -55,7 +55,7 @@ ActivationName = Literal["relu", "gated-gelu"]
 
 @dataclass
 class MoEConfig:
-    """The Switch feed-forward layer (paper.md §1). Defaults follow the paper and Mesh TensorFlow's ``MoE1D``."""
+    """The Switch feed-forward layer (paper §2.1, §2.2). Defaults follow the paper and Mesh TensorFlow's ``MoE1D``."""
 
     num_experts: int = 8
     """Experts per sparse layer (N in Eq. 1)."""
