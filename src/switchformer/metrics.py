@@ -43,7 +43,7 @@ def router_entropy_sum(probs: torch.Tensor, padding_mask: torch.Tensor | None = 
 
 
 class RouterStats:
-    """Accumulates router results of several forward passes, per layer (keyed by ``RouterResult.name``)."""
+    """Accumulates router results of several forward passes, per layer (keyed by ``MoEAux.name``)."""
 
     def __init__(self) -> None:
         self.tokens_per_expert: dict[str, torch.Tensor] = {}

@@ -5,7 +5,7 @@ What is compared, and why (see docs/checkpoints.md "Differences"):
   that drops tokens (transformers 5.24 enforces the per-sequence capacity in token order and gives dropped tokens
   zero output, like us);
 - per-token routing decisions: transformers' raw router logits -> argmax -> per-sequence cumsum capacity, against our
-  ``RouterResult.expert_index`` (-1 = dropped);
+  ``MoEAux.expert_index`` (-1 = dropped);
 - router losses: per sparse layer they equal transformers' per-stack losses when a stack has one sparse layer; the
   totals differ by design (transformers sums encoder + decoder losses of concatenated layers, we average per layer);
 - greedy generation tokens (our ``dropless=False`` keeps the encoder's capacity, like transformers' generate).

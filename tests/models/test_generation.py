@@ -164,7 +164,7 @@ def test_bad_generate_args(make_cfg):
 
 @pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
 def test_decode_fast_path_equals_switch_layer(make_cfg, proj):
-    from switchformer.models.blocks import decode_fast_path_ok, switch_ffn_decode
+    from switchformer.moe import decode_fast_path_ok, switch_ffn_decode
 
     model = build_model(make_cfg(feed_forward_proj=proj)).eval()
     mlp = model.decoder.block[1].layer[2].mlp

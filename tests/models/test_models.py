@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from switchformer.models import ModelOutput, SwitchDecoderLM, SwitchTransformer, build_model
-from switchformer.models.blocks import is_sparse_block, relative_position_bucket, weighted_aux_loss
+from switchformer.config import is_sparse_block
+from switchformer.models.blocks import relative_position_bucket, weighted_aux_loss
 from switchformer.models.encoder_decoder import shift_right
 
 

@@ -60,7 +60,7 @@ def test_no_token_left_behind_fallbacks_rank_ties_lowest_index_first():
 
 
 def test_decode_fast_path_breaks_ties_like_the_layer():
-    from switchformer.models.blocks import switch_ffn_decode
+    from switchformer.moe import switch_ffn_decode
 
     torch.manual_seed(0)
     layer = SwitchFFN(8, 16, 4, capacity_factor=None, eval_capacity_factor=None).eval()

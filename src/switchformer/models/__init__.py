@@ -11,7 +11,7 @@ Loading and saving checkpoints are ``switchformer.from_pretrained`` / ``switchfo
 
 from __future__ import annotations
 
-from switchformer.models.blocks import ModelOutput, RouterResult
+from switchformer.models.blocks import ModelOutput
 from switchformer.models.build import build_model
 from switchformer.models.decoder_only import SwitchDecoderLM
 from switchformer.models.encoder_decoder import SwitchTransformer
@@ -24,7 +24,6 @@ __all__ = [
     "SwitchTransformer",
     "SwitchDecoderLM",
     "ModelOutput",
-    "RouterResult",
     "GenerationRouting",
     "PRESETS",
     "get_preset",

@@ -1,12 +1,14 @@
-"""Shared building blocks of the Switch / T5 v1.0 models (paper.md §4 items 1-2, 17).
+"""Shared building blocks of the Switch / T5 v1.0 models (paper §2, Table 9; the T5 v1.0 architecture of the
+released checkpoints).
 
 What lives here: ``RMSNorm`` (T5LayerNorm), ``relative_position_bucket``, ``Attention`` (T5 attention with optional
-relative position bias, no 1/sqrt(d) scaling, optional KV cache), ``RoutedLinear`` (Switch attention, App. A),
-``DenseFFN``, the three sublayer wrappers (``LayerSelfAttention``, ``LayerCrossAttention``, ``LayerFF``) and the
-``Block`` / ``Stack`` containers. The *loops* over blocks are in the model files (``encoder_decoder.py``,
-``decoder_only.py``), which read top to bottom.
+relative position bias, no 1/sqrt(d) scaling, optional KV cache; Switch attention's projections are
+``switchformer.moe.RoutedLinear``), ``DenseFFN``, the three sublayer wrappers (``LayerSelfAttention``,
+``LayerCrossAttention``, ``LayerFF``), the ``Block`` / ``Stack`` containers, the init, and the outputs and losses.
+The MoE compute (the Switch layer and its generation fast path) lives in ``switchformer.moe``. The *loops* over
+blocks are in the model files (``encoder_decoder.py``, ``decoder_only.py``), which read top to bottom.
 
-The module tree mirrors transformers' ``SwitchTransformers`` key names (anchors.md §4) so that the checkpoint adapter
+The module tree mirrors transformers' ``SwitchTransformers`` key names so that the checkpoint adapter
 (``switchformer.interop.state_dict``) only has to stack/unstack experts:
 ``block[i].layer[0].SelfAttention.{q,k,v,o}``, ``block[0].layer[0].SelfAttention.relative_attention_bias``,
 ``block[i].layer[j].layer_norm``, ``block[i].layer[-1].mlp.{wi,wo}`` (dense) or SwitchFFN (sparse).
@@ -23,70 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from switchformer.config import ModelConfig
+from switchformer.config import IGNORE_INDEX, ModelConfig, is_sparse_block
 from switchformer.dtypes import parse_dtype
+from switchformer.moe import MoEAux, RoutedLinear, SwitchFFN, decode_fast_path_ok, switch_ffn_decode
 from switchformer.moe.experts import truncated_normal_
-from switchformer.moe.router import Router, load_balancing_loss, router_z_loss, top_k_lowest_index
 
 
-@dataclass
-class RouterResult:
-    """Router results of one routed layer for one forward call (unweighted losses; weighting is the model's).
-
-    Attributes:
-        name: module path, e.g. ``"encoder.block.1"`` (Switch FFN of that block) or
-            ``"decoder.block.0.layer.0.SelfAttention.q"`` (Switch attention projection).
-        load_balancing_loss: float32 scalar, N * sum_i f_i P_i (Eqs. 4-6); 1.0 for uniform routing.
-        router_z_loss: float32 scalar, mean logsumexp(logits)**2 (ST-MoE).
-        tokens_per_expert: ``[E]`` int64, tokens each expert processed (after capacity).
-        dropped_tokens: int64 scalar tensor, real tokens no expert processed.
-        num_tokens: int64 scalar tensor, real (non-padding) tokens routed.
-        expert_index: ``[tokens]`` int64 expert per token (-1 dropped/padding), or None.
-        router_probs: ``[tokens, E]`` float32 router probabilities of every position of the call (padding rows
-            included; ``expert_index == -1`` marks padding and dropped tokens), or None.
-    """
-
-    name: str
-    load_balancing_loss: torch.Tensor
-    router_z_loss: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    dropped_tokens: torch.Tensor
-    num_tokens: torch.Tensor
-    expert_index: torch.Tensor | None = None
-    router_probs: torch.Tensor | None = None
-
-    @classmethod
-    def from_aux(cls, name: str, aux) -> RouterResult:
-        """Wrap a ``switchformer.moe.MoEAux`` (or anything with the same fields)."""
-        return cls(
-            name=name,
-            load_balancing_loss=aux.load_balancing_loss,
-            router_z_loss=aux.router_z_loss,
-            tokens_per_expert=aux.tokens_per_expert,
-            dropped_tokens=aux.dropped_tokens,
-            num_tokens=aux.num_tokens,
-            expert_index=getattr(aux, "expert_index", None),
-            router_probs=getattr(aux, "router_probs", None),
-        )
+def add_router(routers: list[MoEAux], name: str, aux: MoEAux) -> None:
+    """Append a Switch FFN's ``aux`` to ``routers``, named ``name`` (e.g. ``"encoder.block.1"``)."""
+    aux.name = name
+    routers.append(aux)
 
 
-def add_routers(routers: list[RouterResult], prefix: str, results: list[RouterResult]) -> None:
+def add_routers(routers: list[MoEAux], prefix: str, results: list[MoEAux]) -> None:
     """Append ``results`` (Switch-attention projections ``q``/``k``/``v``) to ``routers``, each renamed
     ``{prefix}.{name}`` so the name says where in the model it routed."""
     for r in results:
         r.name = f"{prefix}.{r.name}"
         routers.append(r)
-
-
-def is_sparse_block(index: int, sparse_step: int) -> bool:
-    """transformers' convention (anchors.md §4): block i is sparse iff step > 0 and (step == 1 or i % step == 1).
-
-    With step 2 the sparse blocks are 1, 3, 5, ... (paper.md §4 item 2); step 1 makes every block sparse
-    (transformers#28564); step 0 is the dense T5 baseline.
-    """
-    if sparse_step < 0:
-        raise ValueError(f"sparse step must be >= 0 (0 = dense), got {sparse_step}")
-    return sparse_step > 0 and (sparse_step == 1 or index % sparse_step == 1)
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -156,59 +112,6 @@ def relative_position_bucket(
     ).long()
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(is_small, distance, large)
-
-
-# -------------------------------------------------------------------------------------- Switch attention
-
-
-class RoutedLinear(nn.Module):
-    """A Switch linear layer: E expert matrices, each token uses its top-1 expert scaled by the router probability.
-
-    Switch attention (paper App. A, Table 10) puts these in place of the Q/K/V projections. Routing reuses
-    ``switchformer.moe.router.Router`` (float32 router, jitter in training). Dispatch is dropless and index-based
-    (tokens sorted by expert, one matmul per expert on its contiguous slice; no one-hot tensors), so there is no
-    capacity and padding cannot take an expert's slot.
-
-    Args:
-        d_in: input width.
-        d_out: output width.
-        num_experts: E.
-        router_kwargs: forwarded to ``Router`` (exploration, jitter_eps, router_dtype...).
-    """
-
-    def __init__(self, d_in: int, d_out: int, num_experts: int, **router_kwargs) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.router = Router(d_in, num_experts, top_k=1, **router_kwargs)
-        self.weight = nn.Parameter(torch.empty(num_experts, d_out, d_in))  # [E, out, in], nn.Linear layout
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterResult]:
-        """x ``[B, T, d_in]`` -> (``[B, T, d_out]``, RouterResult named '' (the caller sets the name))."""
-        shape = x.shape
-        x_TM = x.reshape(-1, shape[-1])
-        mask_T = None if padding_mask is None else padding_mask.reshape(-1).bool()
-        routed = self.router(x_TM, mask_T)
-        index_T = routed.expert_index_TK[:, 0]
-        order = torch.argsort(index_T, stable=True)
-        counts = torch.bincount(index_T, minlength=self.num_experts)
-        # One host sync for the per-expert slice sizes (dropless dispatch needs them); fine for an ablation layer.
-        chunks = torch.split(x_TM[order], counts.tolist())
-        out_sorted = torch.cat([chunk @ self.weight[e].T for e, chunk in enumerate(chunks)], dim=0)
-        y_TM = torch.empty_like(out_sorted)
-        y_TM[order] = out_sorted
-        y_TM = y_TM * routed.gates_TK[:, :1].to(y_TM.dtype)
-        real_T = torch.ones_like(index_T, dtype=torch.bool) if mask_T is None else mask_T
-        result = RouterResult(
-            name="",
-            load_balancing_loss=load_balancing_loss(routed.probs_TE, index_T, real_T),
-            router_z_loss=router_z_loss(routed.logits_TE, real_T),
-            tokens_per_expert=torch.bincount(index_T[real_T], minlength=self.num_experts),
-            dropped_tokens=torch.zeros((), dtype=torch.long, device=x.device),
-            num_tokens=real_T.sum(),
-            expert_index=torch.where(real_T, index_T, -1),
-            router_probs=routed.probs_TE,
-        )
-        return y_TM.view(*shape[:-1], -1), result
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -309,7 +212,7 @@ class Attention(nn.Module):
         cache_pos: int = 0,
         padding_mask: torch.Tensor | None = None,
         kv_padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[RouterResult]]:
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
         """Attend.
 
         Args:
@@ -326,7 +229,7 @@ class Attention(nn.Module):
             (``[B, T, M]``, router results of Switch attention, empty otherwise).
         """
         B, T, _ = x.shape
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         q = self._project(self.q, x, padding_mask, routers, "q").view(B, T, self.num_heads, self.d_kv).transpose(1, 2)
         if static_kv is not None:
             k, v = static_kv
@@ -384,7 +287,7 @@ class Attention(nn.Module):
     def project_kv(self, src: torch.Tensor, kv_padding_mask: torch.Tensor | None = None):
         """Cross-attention keys and values ``[B, H, S, Dh]`` computed once per generation (plus router results)."""
         B, S, _ = src.shape
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         k = self._project(self.k, src, kv_padding_mask, routers, "k").view(B, S, self.num_heads, self.d_kv)
         v = self._project(self.v, src, kv_padding_mask, routers, "v").view(B, S, self.num_heads, self.d_kv)
         return (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()), routers
@@ -464,101 +367,6 @@ class LayerCrossAttention(nn.Module):
         return x + self.dropout(h), routers
 
 
-# Largest gathered expert-weight tensor (elements) the decode fast path may build: tokens x d_ff x d_model.
-_DECODE_GATHER_LIMIT = 2**25
-
-
-def _routing_cannot_drop(mlp: nn.Module, x: torch.Tensor) -> bool:
-    """Whether eval-mode routing of ``x`` (top-1) through ``mlp`` can drop no token: dropless, or a capacity at
-    least as large as every routing group (then capacity, NTLB and batch-prioritized routing change nothing)."""
-    from switchformer.moe.dispatch import expert_capacity
-
-    if mlp.expert_capacity is not None:  # transformers' semantics: each sequence of [B, t, M] is a group of t
-        return x.dim() == 3 and x.shape[1] <= mlp.expert_capacity
-    if mlp.eval_capacity_factor is None:
-        return True
-    tokens = x.numel() // x.shape[-1]
-    group = mlp.group_size or max(tokens, 1)
-    capacity = expert_capacity(
-        group, mlp.num_experts, mlp.eval_capacity_factor, top_k=1, min_capacity=mlp.min_capacity
-    )
-    return capacity >= min(group, tokens)
-
-
-def decode_fast_path_ok(mlp: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``switch_ffn_decode`` computes exactly what ``mlp`` (a SwitchFFN) would: eval mode, top-1, no token
-    can be dropped (dropless, as generation sets by default, or a capacity no routing group of ``x`` can exceed:
-    e.g. transformers' per-sequence ``expert_capacity`` with one new token per sequence), the local dispatcher
-    (all experts on this device), few tokens."""
-    from switchformer.moe.dispatch import LocalDispatcher
-
-    tokens = x.numel() // x.shape[-1]
-    w_in = mlp.experts.w_in
-    return (
-        not mlp.training
-        and mlp.top_k == 1
-        and type(mlp.dispatcher) is LocalDispatcher
-        and tokens * w_in.shape[1] * w_in.shape[2] <= _DECODE_GATHER_LIMIT
-        and _routing_cannot_drop(mlp, x)
-    )
-
-
-def switch_ffn_decode(
-    mlp: nn.Module, x: torch.Tensor, padding_mask: torch.Tensor | None, *, method: str | None = None
-) -> torch.Tensor:
-    """SwitchFFN forward for the few tokens of a generation step, without router statistics.
-
-    Same maths as the dropless layer in eval mode (Eq. 2: the chosen expert's output scaled by its router
-    probability), with far fewer ops than the general sort/capacity/dispatch machinery, which dominates a decode
-    step at small sizes. Two methods:
-
-    - ``"gather"`` (accelerators): each token gathers its expert's matrices (``w_in[idx]``: ``[T, F, M]``) for one
-      batched matvec: ~10 kernels and no host sync; the weight copy is cheap at GPU bandwidth.
-    - ``"loop"`` (CPU, where a host sync is free but copying weights is not): sort the tokens by expert and run one
-      small matmul pair per expert that received tokens.
-
-    Args:
-        mlp: a SwitchFFN for which ``decode_fast_path_ok`` holds.
-        x: ``[B, t, M]``.
-        padding_mask: ``[B, t]`` bool (False rows get zero output, as in the layer), or None.
-        method: "gather" or "loop"; None picks by device.
-    """
-    router, experts = mlp.router, mlp.experts
-    x_TM = x.reshape(-1, x.shape[-1])
-    logits = F.linear(x_TM.to(router.router_dtype), router.weight.to(router.router_dtype))
-    # The router's own arithmetic (softmax in router_dtype, then float32), so ties and gates match the layer.
-    gate_T1, index_T1 = top_k_lowest_index(torch.softmax(logits, dim=-1), 1)
-    gate_T, index_T = gate_T1.float().squeeze(-1), index_T1.squeeze(-1)
-    gated = experts.w_gate is not None
-    method = method or ("loop" if x.device.type == "cpu" else "gather")
-    if method == "gather":
-        x_TM1 = x_TM.unsqueeze(-1)
-        h = torch.bmm(experts.w_in[index_T], x_TM1)  # [T, F, 1]
-        if gated:
-            h = F.gelu(torch.bmm(experts.w_gate[index_T], x_TM1), approximate="tanh") * h
-        else:
-            h = F.relu(h)
-        y = torch.bmm(experts.w_out[index_T], h).squeeze(-1)
-    elif method == "loop":
-        order = torch.argsort(index_T)
-        counts = torch.bincount(index_T, minlength=experts.w_in.shape[0]).tolist()
-        outs = []
-        for e, chunk in enumerate(x_TM[order].split(counts)):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.linear(chunk, experts.w_in[e])
-            h = F.gelu(F.linear(chunk, experts.w_gate[e]), approximate="tanh") * h if gated else F.relu(h)
-            outs.append(F.linear(h, experts.w_out[e]))
-        y = torch.empty_like(x_TM)
-        y[order] = torch.cat(outs)
-    else:
-        raise ValueError(f"method must be 'gather', 'loop' or None, got {method!r}")
-    y = y * gate_T.to(x.dtype).unsqueeze(-1)
-    if padding_mask is not None:
-        y = y * padding_mask.reshape(-1, 1).to(y.dtype)
-    return y.view(x.shape)
-
-
 class LayerFF(nn.Module):
     """``x + drop(mlp(layer_norm(x)))`` where ``mlp`` is a ``DenseFFN`` or a ``SwitchFFN`` (sparse block)."""
 
@@ -566,8 +374,6 @@ class LayerFF(nn.Module):
         super().__init__()
         self.sparse = sparse
         if sparse:
-            from switchformer.moe import SwitchFFN  # the package __init__; kept local so dense paths import cheaply
-
             self.mlp = SwitchFFN.from_config(
                 cfg.d_model, cfg.d_ff, cfg.moe, activation=cfg.feed_forward_proj, init_scale=cfg.init_scale
             )
@@ -643,8 +449,6 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
       straight to attention logits).
     - Norm scales: ones. SwitchFFN initialises itself (same rule) in its constructor and is left untouched.
     """
-    from switchformer.moe import SwitchFFN
-
     switch_ids = {id(m) for mod in model.modules() if isinstance(mod, SwitchFFN) for m in mod.modules()}
     for name, module in model.named_modules():
         if id(module) in switch_ids:
@@ -666,9 +470,12 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ outputs, losses
 
-# Rows up to which a decode step's projections may run as ``weight @ h.T`` on CPU (see ``decode_linear``).
+# When a decode step's projection runs as ``weight @ h.T`` on CPU (``decode_linear``): at most this many rows and
+# a weight of at least this many elements, twice as tall as wide. Set by decode-step timings of the model
+# benchmark (benchmarks/bench_models.py); the measurements are in benchmarks/results/decode_linear_cpu_2026-11-29.md.
 _SKINNY_ROWS = 64
 _SKINNY_MIN_WEIGHT = 2**19
+DECODE_LINEAR_NOTE = "benchmarks/results/decode_linear_cpu_2026-11-29.md"
 
 
 def decode_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -676,12 +483,9 @@ def decode_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     On CPU, with at most ``_SKINNY_ROWS`` rows and a large weight (``_SKINNY_MIN_WEIGHT`` elements or more) at least
     twice as tall as it is wide (``[out, in]``), it computes ``(weight @ h.T).T``: MKL runs that tall-skinny product
-    faster than ``F.linear`` with 8 rows and cold weights (measured on this machine, one thread: 32128 x 128
-    vocabulary 5.8 -> 4.7 ms; 1536 x 512 fused QKV 1.11 -> 1.01 ms; 2048 x 512 FFN input 1.48 -> 1.30 ms), and
-    slower for wide weights (512 x 2048: 0.96 -> 1.07 ms). On the small config's whole decode step (15 interleaved
-    repetitions): median 74.3 -> 71.9 ms, fastest 63.5 -> 58.0 ms; for the tiny config's 384 x 128 and 512 x 128
-    weights the step time did not change beyond noise, so small weights keep ``F.linear``. The values agree to
-    float32 rounding (another summation order); the result is a transposed view.
+    faster than ``F.linear`` with a few rows and cold weights, and slower for wide weights; small weights gain
+    nothing (``DECODE_LINEAR_NOTE``). The values agree to float32 rounding (another summation order); the result
+    is a transposed view.
     """
     rows = h.numel() // h.shape[-1]
     tall = weight.shape[0] >= 2 * weight.shape[1] and weight.numel() >= _SKINNY_MIN_WEIGHT
@@ -703,11 +507,11 @@ class ModelOutput:
     Attributes:
         logits: ``[B, T, V]`` (decoder positions for the encoder-decoder).
         loss: ``lm_loss + aux_loss`` when labels were given, else None.
-        lm_loss: mean token cross-entropy over labels != -100 (float32), or None.
+        lm_loss: mean token cross-entropy over labels != ``IGNORE_INDEX`` (float32), or None.
         aux_loss: weighted router loss ``aux_loss_coef * mean_l(lb_l) + z_loss_coef * mean_l(z_l)`` over every routed
             layer l of the call (Switch FFNs and Switch attention projections); a float32 zero when nothing is
             routed (dense model).
-        router: one ``RouterResult`` per routed layer, in execution order (encoder first).
+        router: one ``MoEAux`` per routed layer, in execution order (encoder first).
         encoder_last_hidden_state: ``[B, S, M]`` (encoder-decoder only).
     """
 
@@ -715,16 +519,16 @@ class ModelOutput:
     loss: torch.Tensor | None
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor
-    router: list[RouterResult]
+    router: list[MoEAux]
     encoder_last_hidden_state: torch.Tensor | None = None
 
 
-def weighted_aux_loss(routers: list[RouterResult], cfg: ModelConfig, device) -> torch.Tensor:
+def weighted_aux_loss(routers: list[MoEAux], cfg: ModelConfig, device) -> torch.Tensor:
     """``aux_loss_coef * mean(load_balancing) + z_loss_coef * mean(z)`` over the routed layers.
 
-    Why the mean (T5X ``t5x/contrib/moe/models.py`` convention, anchors.md §4 "Loss wiring") rather than the sum
-    (Mesh TensorFlow) or transformers' concatenation: alpha then means the same thing at any depth or sparse step,
-    and one layer's imbalance cannot cancel another's (user-needs.md §1.1). With alpha = 0.01 and balanced routing
+    Why the mean (T5X ``t5x/contrib/moe/models.py`` convention) rather than the sum (Mesh TensorFlow) or
+    transformers' concatenation: alpha (paper §2.2, Eq. 4) then means the same thing at any depth or sparse step,
+    and one layer's imbalance cannot cancel another's. With alpha = 0.01 and balanced routing
     the weighted term is 0.01 whatever the number of sparse layers.
     """
     if not routers:
@@ -735,16 +539,17 @@ def weighted_aux_loss(routers: list[RouterResult], cfg: ModelConfig, device) -> 
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the real target tokens (labels != -100; T5X ``NUM_REAL_TARGET_TOKENS``), float32.
+    """Mean cross-entropy over the real target tokens (labels != ``IGNORE_INDEX``; T5X ``NUM_REAL_TARGET_TOKENS``),
+    float32.
 
     Args:
         logits: ``[B, T, V]``.
-        labels: ``[B, T]`` int64, -100 = ignored.
+        labels: ``[B, T]`` int64, ``IGNORE_INDEX`` (-100) = ignored.
     """
     total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return total / (labels != -100).sum().clamp(min=1)
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def check_ids(name: str, ids: torch.Tensor | None, vocab_size: int | None = None) -> None:

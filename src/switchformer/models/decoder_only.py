@@ -20,8 +20,8 @@ from torch import nn
 from switchformer.config import ModelConfig
 from switchformer.models.blocks import (
     ModelOutput,
-    RouterResult,
     Stack,
+    add_router,
     add_routers,
     check_ids,
     check_mask,
@@ -33,6 +33,7 @@ from switchformer.models.blocks import (
     weighted_aux_loss,
 )
 from switchformer.models.generation import DecoderCache, generate
+from switchformer.moe import MoEAux
 
 
 class SwitchDecoderLM(nn.Module):
@@ -102,13 +103,13 @@ class SwitchDecoderLM(nn.Module):
         bias = self.decoder.position_attention.compute_bias(T, T).to(x.dtype).masked_fill(causal, neg)
         if pad is not None:
             bias = bias.masked_fill(~pad[:, None, None, :], neg)  # [B, H, T, T]
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         for i, block in enumerate(self.decoder.block):
             x, attn_routers = block.layer[0](x, bias, padding_mask=pad)
             x, aux = block.layer[1](x, padding_mask=pad)
             add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", attn_routers)
             if aux is not None:
-                routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
+                add_router(routers, f"decoder.block.{i}", aux)
         logits = self.output_logits(self.decoder.dropout(self.decoder.final_layer_norm(x)))
         aux_loss = weighted_aux_loss(routers, self.config, logits.device)
         lm = None
@@ -148,7 +149,7 @@ class SwitchDecoderLM(nn.Module):
         padding_mask: torch.Tensor | None = None,
         collect_router: bool = False,
         last_only: bool = True,
-    ) -> tuple[torch.Tensor, list[RouterResult]]:
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
         """Process ``t`` new tokens (the prompt at step 0, then one token) with the cache, and advance it.
 
         Args:
@@ -164,7 +165,7 @@ class SwitchDecoderLM(nn.Module):
         mask = self.decoder.position_attention.step_bias(cache.self_bias, pos, t)
         if cache.key_mask is not None:
             mask = mask.masked_fill(~cache.key_mask[:, None, None, : pos + t], mask_value(mask.dtype))
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         fast = cache.fast_path_ok(self.training, collect_router)
         for i, block in enumerate(self.decoder.block):
             if fast:
@@ -182,7 +183,7 @@ class SwitchDecoderLM(nn.Module):
             if collect_router:
                 add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", attn_routers)
                 if aux is not None:
-                    routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
+                    add_router(routers, f"decoder.block.{i}", aux)
         cache.pos = pos + t
         if last_only:
             x = x[:, -1:]

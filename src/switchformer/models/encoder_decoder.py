@@ -23,8 +23,8 @@ from torch import nn
 from switchformer.config import ModelConfig
 from switchformer.models.blocks import (
     ModelOutput,
-    RouterResult,
     Stack,
+    add_router,
     add_routers,
     check_ids,
     check_mask,
@@ -36,6 +36,7 @@ from switchformer.models.blocks import (
     weighted_aux_loss,
 )
 from switchformer.models.generation import DecoderCache, generate
+from switchformer.moe import MoEAux
 
 
 def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -89,7 +90,7 @@ class SwitchTransformer(nn.Module):
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, collect_router: bool = True
-    ) -> tuple[torch.Tensor, list[RouterResult]]:
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
         """Run the encoder.
 
         Args:
@@ -106,14 +107,14 @@ class SwitchTransformer(nn.Module):
         bias = self.encoder.position_attention.compute_bias(S, S).to(x.dtype)  # [1, H, S, S], shared by all blocks
         if pad is not None:
             bias = bias.masked_fill(~pad[:, None, None, :], mask_value(bias.dtype))  # [B, H, S, S]
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         for i, block in enumerate(self.encoder.block):
             x, attn_routers = block.layer[0](x, bias, padding_mask=pad)
             x, aux = block.layer[1](x, padding_mask=pad)
             if collect_router:
                 add_routers(routers, f"encoder.block.{i}.layer.0.SelfAttention", attn_routers)
                 if aux is not None:
-                    routers.append(RouterResult.from_aux(f"encoder.block.{i}", aux))
+                    add_router(routers, f"encoder.block.{i}", aux)
         return self.encoder.dropout(self.encoder.final_layer_norm(x)), routers
 
     def decode(
@@ -124,7 +125,7 @@ class SwitchTransformer(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         *,
         decoder_padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[RouterResult]]:
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
         """Run the decoder over whole target sequences (teacher forcing).
 
         Args:
@@ -152,7 +153,7 @@ class SwitchTransformer(nn.Module):
         if enc_pad is not None:  # T5 cross-attention has no position bias, only the encoder padding
             cross_mask = torch.zeros(enc_pad.shape[0], 1, 1, enc_pad.shape[1], dtype=x.dtype, device=x.device)
             cross_mask = cross_mask.masked_fill(~enc_pad[:, None, None, :], neg)
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         for i, block in enumerate(self.decoder.block):
             x, self_routers = block.layer[0](x, self_bias, padding_mask=route_pad)
             x, cross_routers = block.layer[1](
@@ -162,7 +163,7 @@ class SwitchTransformer(nn.Module):
             add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", self_routers)
             add_routers(routers, f"decoder.block.{i}.layer.1.EncDecAttention", cross_routers)
             if aux is not None:
-                routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
+                add_router(routers, f"decoder.block.{i}", aux)
         return self.decoder.dropout(self.decoder.final_layer_norm(x)), routers
 
     # ---------------------------------------------------------------------------------------- forward
@@ -222,7 +223,7 @@ class SwitchTransformer(nn.Module):
     def init_cache(
         self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor | None, max_length: int,
         *, collect_router: bool = False,
-    ) -> tuple[DecoderCache, list[RouterResult]]:
+    ) -> tuple[DecoderCache, list[MoEAux]]:
         """Allocate the self-attention KV cache and compute cross-attention K/V once (generation).
 
         The causal relative position bias is precomputed here per distance, so a step only slices it.
@@ -263,7 +264,7 @@ class SwitchTransformer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         collect_router: bool = False,
         last_only: bool = True,
-    ) -> tuple[torch.Tensor, list[RouterResult]]:
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
         """Decode ``t`` new positions with the cache (positions ``cache.pos .. cache.pos+t-1``) and advance it.
 
         Args:
@@ -277,7 +278,7 @@ class SwitchTransformer(nn.Module):
         pos, t = cache.pos, ids.shape[1]
         x = self.shared(ids)
         mask = self.decoder.position_attention.step_bias(cache.self_bias, pos, t)
-        routers: list[RouterResult] = []
+        routers: list[MoEAux] = []
         fast = cache.fast_path_ok(self.training, collect_router)
         for i, block in enumerate(self.decoder.block):
             if fast:
@@ -300,7 +301,7 @@ class SwitchTransformer(nn.Module):
                 add_routers(routers, f"decoder.block.{i}.layer.0.SelfAttention", self_routers)
                 add_routers(routers, f"decoder.block.{i}.layer.1.EncDecAttention", cross_routers)
                 if aux is not None:
-                    routers.append(RouterResult.from_aux(f"decoder.block.{i}", aux))
+                    add_router(routers, f"decoder.block.{i}", aux)
         cache.pos = pos + t
         if last_only:
             x = x[:, -1:]

@@ -20,7 +20,7 @@ Speed (generation is Python-overhead bound at small sizes, transformers runs ~27
   "all rows finished?" check when ``eos_token_id`` is set;
 - an eval fast path in ``decode_step`` (when no router results are collected): one fused QKV projection per layer
   (``DecoderCache.qkv``, stacked in ``init_cache``), no module-call overhead, the Switch FFN's few-token path
-  (``blocks.switch_ffn_decode``, also under a fixed capacity that one token per sequence cannot exceed) and, on CPU,
+  (``switchformer.moe.switch_ffn_decode``, also under a fixed capacity that one token per sequence cannot exceed) and, on CPU,
   the vocabulary product and other tall projections as ``weight @ h.T`` (``blocks.decode_linear``). Measured on the
   shared 2-core machine, one thread, batch 8: a tiny decode step 20.7 -> 12.7 ms (8 experts) and 20.5 -> 15.0 ms
   (64), small 88.6 -> 75.5 ms; ``decode_linear`` then took the small step's median from 74.3 to 71.9 ms;
@@ -109,7 +109,7 @@ class GenerationRouting:
     Attributes:
         encoder: encoder router results (encoder-decoder; empty for decoder-only) plus Switch-attention routers of
             the once-computed cross-attention keys/values.
-        steps: ``steps[s]`` is the list of decoder ``RouterResult`` of decoding step s.
+        steps: ``steps[s]`` is the list of decoder ``MoEAux`` results of decoding step s.
     """
 
     encoder: list = field(default_factory=list)

@@ -110,6 +110,33 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
         out.addmm_(a, b)
 
 
+def ragged_experts_inference(
+    x_NM: torch.Tensor, counts: list[int], w_in_EFM: torch.Tensor, w_out_EMF: torch.Tensor,
+    w_gate_EFM: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Expert FFNs on expert-major ragged tokens without dropout or autograd bookkeeping (inference, e.g. the few
+    tokens of a generation step): ``relu`` when ``w_gate_EFM`` is None, else gated-gelu."""
+    y_NM = x_NM.new_empty(x_NM.shape)
+    start = 0
+    for e, n in enumerate(counts):  # a loop over experts' contiguous slices, never over tokens
+        if n:
+            x_e = x_NM[start : start + n]
+            h = F.linear(x_e, w_in_EFM[e])
+            h = F.relu(h) if w_gate_EFM is None else F.gelu(F.linear(x_e, w_gate_EFM[e]), approximate="tanh") * h
+            torch.mm(h, w_out_EMF[e].t(), out=y_NM[start : start + n])
+        start += n
+    return y_NM
+
+
+def ragged_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``x @ weight[e].T`` for each expert's contiguous slice of expert-major ragged tokens (Switch attention's
+    linear experts), differentiable. The stacked weight is unbound once: indexing a stacked Parameter per expert
+    under autograd would materialise a full [E, O, I] gradient for every expert."""
+    weights = weight_EOI.unbind(0)
+    outs = [F.linear(x_e, weights[e]) for e, x_e in enumerate(x_NI.split(counts)) if counts[e]]
+    return torch.cat(outs) if outs else x_NI.new_zeros(0, weight_EOI.shape[1])
+
+
 class Experts(nn.Module):
     """E independent FFNs: ``relu``: ``W_out relu(W_in x)`` (T5 v1.0, the released checkpoints); ``gated-gelu``:
     ``W_out (gelu(W_gate x) * W_in x)`` (GEGLU, Table 9).

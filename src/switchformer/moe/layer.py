@@ -1,4 +1,4 @@
-"""SwitchFFN: router + dispatcher + experts, the sparse feed-forward layer of Switch Transformers (paper.md §1).
+"""SwitchFFN: router + dispatcher + experts, the sparse feed-forward layer of Switch Transformers (paper §2.1-2.2).
 
     layer = SwitchFFN(d_model=512, d_ff=2048, num_experts=8)
     y, aux = layer(x)                      # x [B, S, M] or [T, M]; y same shape and dtype
@@ -31,7 +31,8 @@ from switchformer.runtime import tune_malloc_once
 
 @dataclass
 class MoEAux:
-    """Router results of one SwitchFFN call: losses (unweighted) and statistics. Return values, never globals.
+    """Router results of one routed layer for one call (a ``SwitchFFN``, or a ``RoutedLinear`` of Switch
+    attention): losses (unweighted; weighting is the model's) and statistics. Return values, never globals.
 
     Attributes:
         load_balancing_loss: float32 scalar, Eqs. 4-6, mean over routing groups; 1.0 for uniform routing.
@@ -43,6 +44,9 @@ class MoEAux:
         router_probs: ``[T, E]`` float32.
         num_tokens: int64 scalar tensor, real (non-padding) tokens routed.
         capacity: capacity per expert and routing group (None when dropless).
+        name: where in a model the layer routed, set by the model: ``"encoder.block.1"`` (the Switch FFN of that
+            block) or ``"decoder.block.0.layer.0.SelfAttention.q"`` (a Switch-attention projection); "" for a
+            layer called on its own.
     """
 
     load_balancing_loss: torch.Tensor
@@ -54,6 +58,7 @@ class MoEAux:
     router_probs: torch.Tensor
     num_tokens: torch.Tensor
     capacity: int | None
+    name: str = ""
 
 
 def _setting(name: str, settable: bool) -> property:
