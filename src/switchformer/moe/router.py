@@ -1,4 +1,4 @@
-"""The Switch router: logits, probabilities, expert choice, and the router losses (paper.md §1, Eqs. 1-6).
+"""The Switch router: logits, probabilities, expert choice, and the router losses (paper §2.1-2.2, Eqs. 1-6).
 
 Selective precision (paper §2.4, Table 2): the router's copy of the input is cast to ``router_dtype`` (float32 by
 default) and logits, softmax and choice run in that dtype; the caller's tensor and the experts' input are never
@@ -69,8 +69,9 @@ class Router(nn.Module):
             'argmax' (none), 'sample' (sample the expert from softmax), or 'input_dropout'.
         jitter_eps: eps of input jitter (0.01 in the paper).
         router_input_dropout: rate for 'input_dropout'.
-        second_expert_threshold: top-2 only: use the second choice with probability min(1, g2 / threshold)
-            (Mesh TensorFlow's 'random' second policy, threshold 0.2); 0 always uses it.
+        second_expert_threshold: top-k >= 2, training only: use the second choice with probability
+            min(1, g2 / threshold), g2 its renormalised gate (Mesh TensorFlow's 'random' second policy, threshold
+            0.2); 0 always uses it.
     """
 
     def __init__(
@@ -135,7 +136,8 @@ class Router(nn.Module):
 
         use_TK = torch.ones_like(expert_index_TK, dtype=torch.bool)
         if self.top_k >= 2 and self.training and self.second_expert_threshold > 0:
-            keep_prob_T = (top_probs_TK[:, 1] / self.second_expert_threshold).clamp(max=1.0)
+            # Mesh TensorFlow's 'random' policy acts on the renormalised second gate g2 = p2 / (p1 + p2).
+            keep_prob_T = (gates_TK[:, 1] / self.second_expert_threshold).clamp(max=1.0)
             use_TK[:, 1] = torch.rand_like(keep_prob_T) < keep_prob_T
         if padding_mask_T is not None:
             use_TK = use_TK & padding_mask_T[:, None]
