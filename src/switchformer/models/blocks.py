@@ -120,7 +120,7 @@ def relative_position_bucket(
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     """Eval-mode T5 attention ``softmax(q k^T + mask) v`` (no scaling) for ``[B, H, T, Dh]`` inputs.
 
-    (For one query on CPU, an explicit matmul/softmax/matmul measured no faster than SDPA and differs by ~1e-6.)
+    (For one query on CPU an explicit matmul/softmax/matmul is no faster than SDPA, and differs by ~1e-6.)
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
 

@@ -1,4 +1,4 @@
-"""The Switch Transformer encoder-decoder in the T5 v1.0 style of the released checkpoints (paper.md §4 item 1).
+"""The Switch Transformer encoder-decoder in the T5 v1.0 style of the released checkpoints (paper §2, Table 9).
 
     from switchformer.models import build_model
     from switchformer.models.presets import get_preset

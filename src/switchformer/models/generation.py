@@ -10,7 +10,7 @@ the decoder-only model returns prompt + continuation, with the prompt *left-padd
 to the left, so every row's continuation starts in the same column). Rows that emitted EOS keep emitting the pad id;
 the loop stops as soon as every row has finished.
 
-Speed (generation is Python-overhead bound at small sizes, transformers runs ~27 ms/step on the tiny config):
+Speed (generation is Python-overhead bound at small sizes; measurements in ``GENERATION_NOTE``):
 - one preallocated cache tensor ``[L, 2, B, H, max_len, Dh]`` written in place; beam reordering is a single
   ``index_select``;
 - the causal relative position bias is computed once per distance (``init_cache``, O(max_len) memory); a step
@@ -20,11 +20,9 @@ Speed (generation is Python-overhead bound at small sizes, transformers runs ~27
   "all rows finished?" check when ``eos_token_id`` is set;
 - an eval fast path in ``decode_step`` (when no router results are collected): one fused QKV projection per layer
   (``DecoderCache.qkv``, stacked in ``init_cache``), no module-call overhead, the Switch FFN's few-token path
-  (``switchformer.moe.switch_ffn_decode``, also under a fixed capacity that one token per sequence cannot exceed) and, on CPU,
-  the vocabulary product and other tall projections as ``weight @ h.T`` (``blocks.decode_linear``). Measured on the
-  shared 2-core machine, one thread, batch 8: a tiny decode step 20.7 -> 12.7 ms (8 experts) and 20.5 -> 15.0 ms
-  (64), small 88.6 -> 75.5 ms; ``decode_linear`` then took the small step's median from 74.3 to 71.9 ms;
-- greedy picks tokens with ``greedy_argmax`` (NumPy on CPU: 0.24 instead of 0.75 ms per tiny step).
+  (``switchformer.moe.switch_ffn_decode``, also under a fixed capacity that one token per sequence cannot exceed)
+  and, on CPU, the vocabulary product and other tall projections as ``weight @ h.T`` (``blocks.decode_linear``);
+- greedy picks tokens with ``greedy_argmax`` (NumPy's argmax on CPU, faster than torch's on a vocabulary row).
 
 Routing during generation: eval mode (dropout off, no jitter) and **dropless** by default (``dropless=True``: every
 SwitchFFN's eval capacity factor and fixed ``expert_capacity`` are set to None for the call and restored afterwards).
@@ -158,12 +156,15 @@ def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     return input_ids.gather(1, order), mask.gather(1, order)
 
 
+GENERATION_NOTE = "benchmarks/results/generation_decode_step_cpu_2026-11-29.md"
+"""Where the decode-step measurements behind the fast path's choices are recorded."""
+
+
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` for ``[B, V]`` logits; on CPU in float32 it runs through NumPy.
 
-    torch's CPU argmax walks a row element by element: 0.75 ms for the 8 x 32128 logits of a tiny decode step on this
-    machine (about 6% of the step), where NumPy takes 0.24 ms on the same strided view (0.03 ms when contiguous).
-    Both return the first maximal index and treat NaN as maximal (tested in tests/models/test_generation.py), so
+    torch's CPU argmax walks a row element by element and is several times slower than NumPy's on the logits of a
+    decode step (``GENERATION_NOTE``). Both return the first maximal index and treat NaN as maximal (tested in tests/models/test_generation.py), so
     greedy tokens do not change.
     """
     cpu_float = logits.device.type == "cpu" and logits.dtype == torch.float32

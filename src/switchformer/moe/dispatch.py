@@ -1,6 +1,6 @@
 """Capacity bookkeeping and token dispatch: which token goes to which expert slot, and moving them there.
 
-Index based (anchors.md §2 (b)/(c)): one argsort of a composite integer key puts every (token, choice) assignment in
+Index based: one argsort of a composite integer key puts every (token, choice) assignment in
 expert-major order, and a token's position inside its expert is its rank within that run. No [T, E, C] one-hot
 tensor is ever built, so the bookkeeping costs O(T*K log(T*K)) whatever the group size (the one-hot einsum of the
 paper's Fig. 15/16 lives in ``oracle.py`` as a test reference only).
