@@ -253,7 +253,8 @@ class LocalDispatcher:
         kept = plan.kept_A.nonzero().squeeze(-1)  # host sync: ragged shapes need sizes (free on CPU)
         token_N = plan.token_A[kept]
         counts = plan.tokens_per_expert().tolist()
-        return Dispatched(x_TM[token_N], counts, token_N, plan.gate_A[kept])
+        # index_select, not x[idx]: its backward is an index_add, cheaper than indexing's accumulating index_put
+        return Dispatched(x_TM.index_select(0, token_N), counts, token_N, plan.gate_A[kept])
 
     def combine(self, y: torch.Tensor, dispatched: Dispatched, plan: RoutingPlan) -> torch.Tensor:
         if dispatched.slot_A is not None:
