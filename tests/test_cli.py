@@ -25,9 +25,10 @@ def test_help(cmd, capsys):
         assert c in out
 
 
-def test_console_script_help():
-    exe = Path(sys.executable).parent / "switchformer"
-    out = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, check=True).stdout
+@pytest.mark.parametrize("command", [["{bin}/switchformer"], ["{python}", "-m", "switchformer"]])
+def test_console_script_help(command):
+    command = [c.format(bin=Path(sys.executable).parent, python=sys.executable) for c in command]
+    out = subprocess.run([*command, "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--decoder-only" in out and "--resume" in out and "--debug" in out
 
 
