@@ -77,6 +77,10 @@ def _setting(name: str, settable: bool) -> property:
 class SwitchFFN(nn.Module):
     """The Switch feed-forward layer.
 
+    The routing settings (``num_experts`` to ``second_expert_threshold``) are the fields of a ``MoEConfig``, which
+    validates them when it is made: the keyword form builds one, ``SwitchFFN.from_config(d_model, d_ff, cfg)``
+    takes one, and ``layer.config`` holds it (the layer's ``capacity_factor`` etc. read it).
+
     Args:
         d_model: M.
         d_ff: hidden width F of one expert (the dense FFN it replaces has the same FLOPs per token).
@@ -94,7 +98,8 @@ class SwitchFFN(nn.Module):
             default token order, as the paper. Not for decoders at generation time (it breaks causality).
         no_token_left_behind: re-route overflowing tokens to their next ``ntlb_top_k - 1`` choices (App. B).
         expert_dropout: dropout inside the experts (§2.4).
-        second_expert_threshold: top-2 random second-expert policy threshold (0 = always use it).
+        second_expert_threshold: top-k random second-expert policy: in training the second choice is used with
+            probability min(1, g2 / threshold), g2 its renormalised gate (0 = always use it).
         activation: 'relu' or 'gated-gelu'.
         init_scale: truncated normal std sqrt(init_scale / fan_in) for router and experts (§2.4, Table 3).
         dispatcher: how tokens reach the experts; default ``LocalDispatcher()``. Expert parallelism swaps it.
