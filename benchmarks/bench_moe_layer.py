@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
     ap.add_argument("--all", action="store_true",
                     help="also time capacity factor 1.0, the one-hot einsum oracle and the experts alone")
-    ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions per contestant")
+    ap.add_argument("--reps", type=int, default=11, help="interleaved repetitions per contestant")
     ap.add_argument("--experts", type=int, nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -213,6 +213,8 @@ def main() -> None:
         row = {"num_experts": E}
         for (name, bwd), t in med.items():
             row[f"{name}_{'fwdbwd' if bwd else 'fwd'}_ms"] = 1e3 * t
+        row["samples_ms"] = {f"{name}_{'fwdbwd' if bwd else 'fwd'}": [round(1e3 * t, 1) for t in ts]
+                             for (name, bwd), ts in times.items()}  # every repetition, for judging the noise
         for name, b in mem.items():
             row[f"{name}_activation_MB"] = b / 2**20
         for bwd in (False, True):
@@ -226,7 +228,8 @@ def main() -> None:
                 row[f"oracle_over_ours_{tag}"] = med[("oracle_einsum", bwd)] / med[("ours_cf1.0", bwd)]
                 row[f"routing_share_{tag}"] = 1 - med[("experts_only", bwd)] / med[("ours_cf1.0", bwd)]
         rows.append(row)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "samples_ms"}),
+              flush=True)
 
     meta = {
         "date": datetime.date.today().isoformat(), "device": str(device), "dtype": str(dtype),
