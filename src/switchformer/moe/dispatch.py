@@ -34,8 +34,8 @@ def expert_capacity(
     """
     if capacity_factor is None:
         return None
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a finite number > 0 (or None for dropless), got {capacity_factor}")
     raw = math.ceil(capacity_factor * top_k * group_tokens / num_experts - 1e-9)
     return int(min(group_tokens, max(min_capacity, raw)))
 
