@@ -228,8 +228,8 @@ def main() -> None:
                 row[f"oracle_over_ours_{tag}"] = med[("oracle_einsum", bwd)] / med[("ours_cf1.0", bwd)]
                 row[f"routing_share_{tag}"] = 1 - med[("experts_only", bwd)] / med[("ours_cf1.0", bwd)]
         rows.append(row)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "samples_ms"}),
-              flush=True)
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "samples_ms"}
+        print(json.dumps(shown), flush=True)
 
     meta = {
         "date": datetime.date.today().isoformat(), "device": str(device), "dtype": str(dtype),
@@ -253,8 +253,10 @@ def main() -> None:
           "| transformers / ours (fwd) | ours / dense (fwd+bwd) | activation MB: dense / ours / transformers |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mems = " / ".join(f"{r.get(f'{n}_activation_MB', nan):.0f}" for n in ("dense", "ours_dropless", "transformers"))
-        md.append(f"| {r['num_experts']} | {r['ours_dropless_fwdbwd_ms']:.0f} | {r.get('transformers_fwdbwd_ms', nan):.0f} "
+        mems = " / ".join(f"{r.get(f'{n}_activation_MB', nan):.0f}"
+                          for n in ("dense", "ours_dropless", "transformers"))
+        md.append(f"| {r['num_experts']} | {r['ours_dropless_fwdbwd_ms']:.0f} "
+                  f"| {r.get('transformers_fwdbwd_ms', nan):.0f} "
                   f"| {r['dense_fwdbwd_ms']:.0f} | {r.get('transformers_over_ours_fwdbwd', nan):.2f} "
                   f"| {r.get('transformers_over_ours_fwd', nan):.2f} | {r['ours_dropless_over_dense_fwdbwd']:.2f} "
                   f"| {mems} |")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from switchformer.models import ModelOutput, SwitchDecoderLM, SwitchTransformer, build_model
 from switchformer.config import is_sparse_block
+from switchformer.models import ModelOutput, SwitchDecoderLM, SwitchTransformer, build_model
 from switchformer.models.blocks import relative_position_bucket, weighted_aux_loss
 from switchformer.models.encoder_decoder import shift_right
 

@@ -46,7 +46,7 @@ def test_sample_exploration_ranks_later_choices_lowest_index_first():
     out = router(torch.randn(200, 16))
     first = out.expert_index_TK[:, 0]
     assert len(set(first.tolist())) > 1  # the first choice is sampled
-    for f, rest in zip(first.tolist(), out.expert_index_TK[:, 1:].tolist()):
+    for f, rest in zip(first.tolist(), out.expert_index_TK[:, 1:].tolist(), strict=True):
         assert rest == [e for e in range(6) if e != f][:2]
 
 

@@ -164,8 +164,8 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` for ``[B, V]`` logits; on CPU in float32 it runs through NumPy.
 
     torch's CPU argmax walks a row element by element and is several times slower than NumPy's on the logits of a
-    decode step (``GENERATION_NOTE``). Both return the first maximal index and treat NaN as maximal (tested in tests/models/test_generation.py), so
-    greedy tokens do not change.
+    decode step (``GENERATION_NOTE``). Both return the first maximal index and treat NaN as maximal (tested in
+    tests/models/test_generation.py), so greedy tokens do not change.
     """
     cpu_float = logits.device.type == "cpu" and logits.dtype == torch.float32
     if cpu_float and logits.dim() == 2 and not logits.requires_grad:

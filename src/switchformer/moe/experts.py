@@ -81,7 +81,7 @@ class _RaggedReluFFN(torch.autograd.Function):
         rows = max((hi - lo for _, lo, hi in ctx.blocks), default=0)
         workspace = x_NM.new_empty(rows, w_in_EFM.shape[1])
         written = [False] * w_in_EFM.shape[0]  # an expert's first block writes its weight gradient, later ones add
-        for (e, lo, hi), h in zip(ctx.blocks, hidden):
+        for (e, lo, hi), h in zip(ctx.blocks, hidden, strict=True):
             first, written[e] = not written[e], True
             g_y = grad_y_NM[lo:hi]
             if need_w_out:
