@@ -46,6 +46,7 @@ from switchformer.errors import CheckpointError
 from switchformer.interop.files import (
     FORMAT_VERSION,
     fsync_dir,
+    read_json_object,
     save_safetensors,
     unique_tensors,
     write_text_atomic,
@@ -285,12 +286,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {state_path} is missing (an interrupted write); "
                               "delete the folder or resume from an earlier checkpoint")
-    try:
-        state = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {state_path} is corrupted (not valid JSON: {e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint file {state_path} is corrupted (not a JSON object)")
+    state = read_json_object(state_path, "the checkpoint is corrupted; resume from an earlier one")
     if state.get("format_version") != FORMAT_VERSION:
         version = state.get("format_version")
         raise CheckpointError(f"{state_path}: format_version {version!r}, expected {FORMAT_VERSION}; this "

@@ -185,6 +185,21 @@ def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
     return written
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``.
+
+    Raises:
+        CheckpointError: the file is not UTF-8 JSON or not an object; the message names the file and ``fix``.
+    """
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}; {fix}")
+    return raw
+
+
 def read_index(index: str | os.PathLike) -> dict[str, Path]:
     """The ``weight_map`` of a shard index as ``{tensor name: shard file}``, every file inside the index's directory.
 
@@ -196,11 +211,9 @@ def read_index(index: str | os.PathLike) -> dict[str, Path]:
             the message names the index and the entry.
     """
     index = Path(index)
-    try:
-        raw = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
-    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    weight_map = read_json_object(
+        index, "a shard index maps tensor names to shard files in a 'weight_map' object; re-download the checkpoint"
+    ).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(
             f"{index} has no 'weight_map' (an object mapping each tensor name to its shard file); re-download the "

@@ -34,6 +34,7 @@ from switchformer.interop.files import (
     FORMAT_VERSION,
     INDEX_NAME,
     ShardReader,
+    read_json_object,
     unique_tensors,
     weight_files,
     write_sharded,
@@ -97,13 +98,7 @@ def _read_config(d: Path) -> dict[str, Any]:
     path = d / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{d}: no {CONFIG_NAME}; pass the directory that holds config.json and the weights")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of config fields, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, "re-download or re-save the checkpoint")
 
 
 def _load_into(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, strict: bool, device: torch.device | str | None,
