@@ -1,6 +1,6 @@
 """The import direction of the package, read from the source (AST), lazy imports inside functions included:
 
-    config, errors, dtypes, runtime  <-  moe  <-  models  <-  interop  <-  train  <-  cli
+    config, errors, dtypes, runtime  <-  moe  <-  models  <-  interop  <-  distributed  <-  train  <-  cli
     data imports only config and errors (and numpy, torch, sentencepiece; datasets/pyarrow lazily)
 
 moe and models never import torch.distributed; nothing but ``python -m switchformer`` imports the CLI; no
@@ -28,6 +28,7 @@ ALLOWED = {  # package -> the switchformer packages / top-level modules it may i
     "models": FOUNDATION | {"moe", "models"},
     "interop": FOUNDATION | {"moe", "models", "interop"},
     "data": {"config", "errors", "data"},
+    "distributed": FOUNDATION | {"moe", "models", "interop", "distributed", "checkpoint"},
 }
 ANYTHING_BUT_CLI = {"train"}
 NO_DISTRIBUTED = {"moe", "models"}

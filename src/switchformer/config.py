@@ -71,8 +71,9 @@ class MoEConfig:
     """Lower bound on the per-group capacity (Mesh TensorFlow's ``min_expert_capacity``)."""
     group_size: int | None = None
     """Tokens per routing group (the paper's 'tokens per core'); None routes all tokens of a call as one group."""
-    router_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Router precision. float32 is the paper's selective precision (§2.4, Table 2)."""
+    router_dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    """Router precision. float32 is the paper's selective precision (§2.4, Table 2); float64 serves float64
+    verification runs."""
     exploration: ExplorationPolicy = "input_jitter"
     """Exploration policy during training (App. C, Table 11)."""
     jitter_eps: float = 0.01
@@ -121,8 +122,9 @@ class MoEConfig:
                 fail(name, "a positive int or None")
         if not is_int(self.min_capacity) or self.min_capacity < 0:
             fail("min_capacity", "an int >= 0", "4 is Mesh TensorFlow's default")
-        if self.router_dtype not in ("float32", "bfloat16", "float16"):
-            fail("router_dtype", "one of 'float32', 'bfloat16', 'float16'", "float32 is selective precision (§2.4)")
+        if self.router_dtype not in ("float32", "bfloat16", "float16", "float64"):
+            fail("router_dtype", "one of 'float32', 'bfloat16', 'float16', 'float64'",
+                 "float32 is selective precision (§2.4)")
         if self.exploration not in ("input_jitter", "argmax", "sample", "input_dropout"):
             fail("exploration", "one of 'input_jitter', 'argmax', 'sample', 'input_dropout' (paper App. C)")
         for name in ("jitter_eps", "router_input_dropout", "expert_dropout"):

@@ -11,8 +11,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "float64": torch.float64,  # for verification: exact comparisons of parallel layouts, reference checks
 }
-_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+            "fp64": "float64", "double": "float64"}
 
 
 def parse_dtype(value: torch.dtype | str, *, name: str = "dtype") -> torch.dtype:

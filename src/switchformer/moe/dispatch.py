@@ -6,7 +6,7 @@ tensor is ever built, so the bookkeeping costs O(T*K log(T*K)) whatever the grou
 paper's Fig. 15/16 lives in ``oracle.py`` as a test reference only).
 
 The ``Dispatcher`` is the seam for expert parallelism: ``LocalDispatcher`` moves tokens to experts on this device;
-an all-to-all dispatcher (roadmap) exchanges the same expert-major buffers between ranks.
+``switchformer.distributed.AllToAllDispatcher`` exchanges the same expert-major buffers between ranks.
 
 Shape suffixes: T tokens, K choices per token, A = T*K assignments, N kept assignments, E experts, G routing groups,
 C capacity per (expert, group), M d_model.
@@ -198,7 +198,8 @@ class Dispatched:
     """Tokens grouped for the experts.
 
     ``x`` is ragged ``[N, M]`` with ``counts`` (a host list of tokens per expert, expert-major), or padded
-    ``[E, G*C, M]`` with ``counts`` None.
+    ``[E, G*C, M]`` with ``counts`` None. ``extra`` carries what a dispatcher's ``combine`` needs from its
+    ``dispatch`` (the all-to-all dispatcher's split sizes), opaque to the layer.
     """
 
     x: torch.Tensor
@@ -206,6 +207,7 @@ class Dispatched:
     token_N: torch.Tensor
     gate_N: torch.Tensor
     slot_A: torch.Tensor | None = None
+    extra: object = None
 
 
 class Dispatcher(Protocol):

@@ -17,6 +17,15 @@ from torch import nn
 ACTIVATIONS = ("relu", "gated-gelu")
 
 
+def local_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The part of a stacked expert weight held here: under expert parallelism (``switchformer.distributed``) the
+    weight is a DTensor of global shape ``[E, ...]`` sharded over experts, and this rank computes with its local
+    ``[E / ep, ...]`` shard (differentiable; its gradient lands in the DTensor's ``.grad``). A plain tensor is
+    returned as it is. Duck-typed, so this module needs no import of torch.distributed."""
+    to_local = getattr(weight, "to_local", None)
+    return to_local() if to_local is not None else weight
+
+
 def truncated_normal_(weight: torch.Tensor, fan_in: int, scale: float) -> torch.Tensor:
     """Paper §2.4: truncated normal, mean 0, std sqrt(scale / fan_in), resampled beyond two std (footnote 6)."""
     std = math.sqrt(scale / fan_in)
@@ -195,18 +204,21 @@ class Experts(nn.Module):
             x: ragged ``[N, M]`` (expert-major, with ``counts``) or padded ``[E, R, M]`` (``counts`` None).
             counts: tokens per expert for the ragged layout (host ints, summing to N).
         """
+        # Under expert parallelism the experts here are this rank's shard: counts and the padded E are local.
+        w_in_EFM, w_out_EMF = local_weight(self.w_in), local_weight(self.w_out)
+        w_gate_EFM = local_weight(self.w_gate) if self.w_gate is not None else None
         if x.dim() == 3:  # padded: one batched matmul per projection, static shapes, no host sync
             bmm = lambda a, w: torch.bmm(a, w.transpose(1, 2))  # noqa: E731
-            return bmm(self._hidden(x, bmm, self.w_in, self.w_gate), self.w_out)
-        if counts is None or len(counts) != self.w_in.shape[0]:
+            return bmm(self._hidden(x, bmm, w_in_EFM, w_gate_EFM), w_out_EMF)
+        if counts is None or len(counts) != w_in_EFM.shape[0]:
             raise ValueError("ragged expert input needs counts: one token count per expert")
-        if self.w_gate is None and x.dtype == self.w_in.dtype:
-            return _RaggedReluFFN.apply(x.contiguous(), self.w_in, self.w_out, counts, self.expert_dropout,
+        if w_gate_EFM is None and x.dtype == w_in_EFM.dtype:
+            return _RaggedReluFFN.apply(x.contiguous(), w_in_EFM, w_out_EMF, counts, self.expert_dropout,
                                         self.training)
         # Gated experts: a plain autograd loop. NOTE: unbind once: indexing a stacked Parameter per expert under
         # autograd would materialise a full [E, F, M] gradient for every expert (88x slower at E=128).
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else [None] * len(counts)
+        w_in, w_out = w_in_EFM.unbind(0), w_out_EMF.unbind(0)
+        w_gate = w_gate_EFM.unbind(0) if w_gate_EFM is not None else [None] * len(counts)
         outs = []
         for e, x_e in enumerate(x.split(counts)):  # a loop over experts' contiguous slices, never over tokens
             if counts[e] == 0:
@@ -214,5 +226,5 @@ class Experts(nn.Module):
             h = self._hidden(x_e, F.linear, w_in[e], w_gate[e])
             outs.append(F.linear(h, w_out[e]))
         if not outs:
-            return x.new_zeros(0, self.w_out.shape[1])
+            return x.new_zeros(0, w_out_EMF.shape[1])
         return torch.cat(outs)

@@ -1,0 +1,31 @@
+"""Expert and data parallelism on torch.distributed (paper §5): ``parallelize(model, mesh)`` shards each SwitchFFN's
+experts over the "ep" mesh dimension behind an all-to-all dispatcher and makes everything else data-parallel
+(FSDP2 or DDP). The models themselves never import torch.distributed.
+"""
+
+from switchformer.distributed.checks import check_same_config, config_hash
+from switchformer.distributed.dispatch import AllToAllDispatcher
+from switchformer.distributed.parallelize import (
+    ParallelState,
+    clip_grad_norm_,
+    mesh_sizes,
+    parallel_state,
+    parallelize,
+    reduce_expert_gradients,
+    switch_layers,
+    unwrap,
+)
+
+__all__ = [
+    "AllToAllDispatcher",
+    "ParallelState",
+    "check_same_config",
+    "clip_grad_norm_",
+    "config_hash",
+    "mesh_sizes",
+    "parallel_state",
+    "parallelize",
+    "reduce_expert_gradients",
+    "switch_layers",
+    "unwrap",
+]
