@@ -55,7 +55,6 @@ def _grad_parity(mesh_shape, dense: str, dtype_name: str = "float64"):
         unwrap,
     )
 
-    dtype = getattr(torch, dtype_name)
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = _batch(world)
     ref = _build(BATCH * SEQ, dtype_name)
