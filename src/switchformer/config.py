@@ -372,6 +372,29 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run spreads over processes (``switchformer train --nproc N`` or torchrun; paper §5).
+
+    The N processes form a (dp, ep) mesh with dp * ep = N: every process sees its own share of each batch, experts
+    are split over "ep" (paper §5.4), everything else is data-parallel over all N (paper §5.6's data x expert
+    layouts). One process ignores this section."""
+
+    ep: int = 1
+    """Expert-parallel size: processes that split each Switch layer's experts; must divide num_experts."""
+    dense: Literal["fsdp", "ddp"] = "fsdp"
+    """Data parallelism of the non-expert weights: FSDP2 ``fully_shard`` or DDP."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: auto = nccl on CUDA devices, gloo on CPU."""
+    timeout_s: float = 300.0
+    """A collective that waits longer than this raises (a dead or stuck peer) instead of hanging the run."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "parallel")
+        _check_range(self, "parallel", "ep", ge=1, hint="1 means no expert parallelism")
+        _check_range(self, "parallel", "timeout_s", gt=0.0)
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs: the model, data, optimizer and loop. One TOML file in configs/ holds one."""
 
@@ -387,6 +410,8 @@ class RunConfig:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Expert and data parallelism over several processes."""
 
     def __post_init__(self) -> None:
         _check_types(self, "")
