@@ -102,3 +102,17 @@ def test_gradients_equal_single_process(pool, mesh_shape, dense):
     for r in pool.run(_grad_parity, mesh_shape, dense):
         assert r["worst"] < 1e-9, r
         assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-9), r
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+def test_bare_layer_at_ep4(pool, capacity_factor):
+    """The layer checks of test_expert_parallel_layer at ep=4 (two experts per rank), and on a 2 x 2 mesh."""
+    from parallel.test_expert_parallel_layer import _layer_parity
+
+    for mesh in ((("ep",), (4,)), (("dp", "ep"), (1, 4))):
+        for r in pool.run(_layer_parity, capacity_factor, "float32", True, mesh):
+            if capacity_factor is not None:
+                assert r["y_equal"], r
+            assert r["y_err"] < 1e-6 and r["w_in_grad_err"] < 1e-5 and r["w_out_grad_err"] < 1e-5, r
+            assert r["tpe_equal"] and r["dropped"] == r["dropped_ref"], r
+            assert r["local_shape"][0] == 2 and r["global_shape"][0] == 8
