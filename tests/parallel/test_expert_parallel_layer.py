@@ -183,3 +183,10 @@ def _indivisible_experts():
 def test_experts_not_divisible_by_ep_is_a_clear_error(pool):
     for message in pool.run(_indivisible_experts):
         assert "3 experts" in message and "ep=2" in message, message
+
+
+def test_bfloat16_capacity_mode_is_bitwise_equal(pool):
+    """bfloat16 travels through gloo's all-to-all unchanged (tiny tensors: these CPUs have no bf16 matmul units)."""
+    for r in pool.run(_layer_parity, 1.0, "bfloat16", False, (("ep",), (2,))):
+        assert r["y_equal"], r
+        assert r["tpe_equal"] and r["dropped"] == r["dropped_ref"], r
