@@ -394,6 +394,66 @@ class ParallelConfig:
         _check_range(self, "parallel", "timeout_s", gt=0.0)
 
 
+MetricName = Literal["auto", "exact_match", "accuracy", "subtoken_f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
+                     "bleu"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning on a text-to-text task (``switchformer finetune``, paper §4.1; ignored by ``train``).
+
+    The paper's fine-tuning settings of the model and optimizer (dropout 0.1, expert dropout 0.4, a constant
+    learning rate) live in the model and optim sections, where ``switchformer finetune`` sets them before the
+    command line's overrides (docs/finetuning.md)."""
+
+    source: str = ""
+    """The pretrained model: a run directory, a transformers-format directory or a Hub id."""
+    task: str = "stdlib-name"
+    """'stdlib-name', 'stdlib-docstring', a .jsonl/.csv/.parquet file, a directory of train/validation/test files,
+    a datasets directory, or 'hf:NAME[:CONFIG]'."""
+    input_field: str = "input"
+    """Field (column) of the input text in data files and datasets."""
+    target_field: str = "target"
+    """Field (column) of the target text in data files and datasets."""
+    metric: MetricName = "auto"
+    """Metric that picks the best checkpoint; 'auto': the built-in task's own, exact_match for data files."""
+    input_length: int = 256
+    """Input tokens kept per example (longer inputs are cut, EOS included)."""
+    target_length: int = 64
+    """Target tokens kept per example, and the most tokens generated when evaluating."""
+    task_corpus: str = "stdlib"
+    """Python files the built-in tasks are made from ('stdlib', or paths as in data.corpus)."""
+    max_bytes: int | None = None
+    """Cap on the bytes of task_corpus read for the built-in tasks (None: all of it)."""
+    val_fraction: float = 0.05
+    """Validation share of the built-in tasks, and of data that has no validation split (hash split)."""
+    test_fraction: float = 0.05
+    """Test share of the built-in tasks, and of data that has no test split (hash split)."""
+    eval_examples: int = 256
+    """Validation examples decoded and scored at each evaluation (0: all)."""
+    test_examples: int = 0
+    """Test examples scored with the best checkpoint at the end (0: all)."""
+    eval_at_start: bool = True
+    """Also evaluate the model before fine-tuning (step 0), the baseline the results compare against."""
+    freeze_router: bool = False
+    """Keep the routers' weights fixed (no gradient updates)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "finetune")
+        for name in ("task", "input_field", "target_field", "task_corpus"):
+            _check_nonempty(self, "finetune", name)
+        _check_range(self, "finetune", "input_length", ge=2)
+        _check_range(self, "finetune", "target_length", ge=2)
+        _check_range(self, "finetune", "max_bytes", ge=1, hint="or none for the whole corpus")
+        _check_range(self, "finetune", "val_fraction", gt=0.0, lt=1.0)
+        _check_range(self, "finetune", "test_fraction", ge=0.0, lt=1.0)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"finetune.val_fraction + finetune.test_fraction = "
+                              f"{self.val_fraction + self.test_fraction:g} leaves no training data; keep it below 1")
+        _check_range(self, "finetune", "eval_examples", ge=0, hint="0 means all")
+        _check_range(self, "finetune", "test_examples", ge=0, hint="0 means all")
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs: the model, data, optimizer and loop. One TOML file in configs/ holds one."""
@@ -412,6 +472,8 @@ class RunConfig:
     """Training loop."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Expert and data parallelism over several processes."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning task and evaluation (``switchformer finetune``)."""
 
     def __post_init__(self) -> None:
         _check_types(self, "")
