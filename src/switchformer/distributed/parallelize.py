@@ -57,6 +57,8 @@ class ParallelState:
     expert_params: list[nn.Parameter] = field(default_factory=list)
     """The DTensor expert weights (empty when ep == 1: experts are then ordinary dense parameters)."""
     expert_names: list[str] = field(default_factory=list)
+    tp: int = 1
+    """Tensor-parallel size: ranks that share tokens and split attention heads and dense FFN units."""
 
     @property
     def data_shards(self) -> int:
@@ -70,23 +72,29 @@ class ParallelState:
 
 
 def mesh_sizes(mesh: DeviceMesh) -> tuple[int, int]:
-    """``(dp, ep)`` of a mesh named ("dp", "ep"), or 1-D "dp" / "ep"."""
+    """``(dp, ep)`` of a mesh named ("dp", "ep"), ("dp", "ep", "tp"), or 1-D "dp" / "ep"."""
+    dp, ep, _ = mesh_layout(mesh)
+    return dp, ep
+
+
+def mesh_layout(mesh: DeviceMesh) -> tuple[int, int, int]:
+    """``(dp, ep, tp)`` of a mesh named ("dp", "ep"), ("dp", "ep", "tp"), or 1-D "dp" / "ep"."""
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"mesh must be a torch DeviceMesh (init_device_mesh(...)), got {type(mesh).__name__}")
     names = tuple(mesh.mesh_dim_names or ())
-    allowed = {("dp", "ep"), ("dp",), ("ep",)}
+    allowed = {("dp", "ep"), ("dp", "ep", "tp"), ("dp",), ("ep",)}
     if names not in allowed:
         raise ConfigError(
             f"the mesh's dimension names are {names or 'unset'}; use init_device_mesh(device, (dp, ep), "
-            "mesh_dim_names=('dp', 'ep')) (or a 1-D mesh named 'dp' or 'ep')"
+            "mesh_dim_names=('dp', 'ep')), (dp, ep, tp) with ('dp', 'ep', 'tp'), or a 1-D mesh named 'dp' or 'ep'"
         )
     sizes = dict(zip(names, mesh.mesh.shape, strict=True))
     if mesh.mesh.numel() != dist.get_world_size():
         raise ConfigError(
-            f"the mesh spans {mesh.mesh.numel()} ranks but the job has {dist.get_world_size()}: dp * ep must equal "
-            "the number of processes"
+            f"the mesh spans {mesh.mesh.numel()} ranks but the job has {dist.get_world_size()}: the product of its "
+            "sizes must equal the number of processes"
         )
-    return sizes.get("dp", 1), sizes.get("ep", 1)
+    return sizes.get("dp", 1), sizes.get("ep", 1), sizes.get("tp", 1)
 
 
 def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
@@ -106,7 +114,9 @@ def parallelize(
     Args:
         model: a module holding ``SwitchFFN`` layers (a switchformer model, your own model, or a bare layer),
             identical on every rank (same config; weights are taken from rank 0).
-        mesh: a 2-D DeviceMesh named ("dp", "ep"), or 1-D "dp" / "ep"; dp * ep = the number of processes.
+        mesh: a 2-D DeviceMesh named ("dp", "ep"), or 1-D "dp" / "ep"; dp * ep = the number of processes. A 3-D
+            mesh ("dp", "ep", "tp") adds tensor parallelism of attention and dense FFNs over "tp"
+            (``tensor_parallel``; with dense="fsdp" or "none").
         dense: data parallelism for the non-expert parameters: "fsdp" (FSDP2 ``fully_shard``; on gloo it needs
             torch >= 2.8), "ddp" (composable DDP), or "none" (left alone: the caller reduces them).
         check_configs: compare every layer's routing config and the layout across ranks first (one all-gather),
@@ -123,7 +133,9 @@ def parallelize(
                            "N`) and create the mesh with init_device_mesh first")
     if hasattr(model, PARALLEL_ATTR):
         raise RuntimeError("this model is already parallelized; build a fresh model for another layout")
-    dp, ep = mesh_sizes(mesh)
+    dp, ep, tp = mesh_layout(mesh)
+    if tp > 1 and dense == "ddp":
+        raise ConfigError("tensor parallelism (tp > 1) combines with dense='fsdp' or 'none', not 'ddp'")
     layers = switch_layers(model)
     if ep > 1 and not layers:
         raise ConfigError(f"parallel.ep = {ep} but the model has no SwitchFFN layer to shard; use ep=1 (data "
@@ -135,7 +147,7 @@ def parallelize(
                 f"ranks; choose an ep that divides {layer.num_experts}"
             )
     if check_configs:
-        payload = {"layout": {"dp": dp, "ep": ep, "dense": dense, "torch": torch.__version__}}
+        payload = {"layout": {"dp": dp, "ep": ep, "tp": tp, "dense": dense, "torch": torch.__version__}}
         for name, layer in layers:
             payload[name or "layer"] = {
                 **dataclasses.asdict(layer.config), "d_model": layer.d_model,
@@ -144,10 +156,15 @@ def parallelize(
             }
         check_same_config(payload, what="the model")
 
-    state = ParallelState(mesh, dp, ep, dense)
+    state = ParallelState(mesh, dp, ep, dense, tp=tp)
+    if tp > 1:
+        from switchformer.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"])
     if ep > 1:
         ep_group = mesh.get_group("ep")
-        placements = [Replicate(), Shard(0)] if len(mesh.mesh.shape) == 2 else [Shard(0)]
+        # experts split over "ep", whole on every "dp" (and "tp") rank
+        placements = [Shard(0) if dim == "ep" else Replicate() for dim in mesh.mesh_dim_names]
         for name, layer in layers:
             for weight in EXPERT_WEIGHTS:
                 param = getattr(layer.experts, weight)
@@ -160,8 +177,7 @@ def parallelize(
                 state.expert_names.append(f"{name}.experts.{weight}" if name else f"experts.{weight}")
             layer.dispatcher = AllToAllDispatcher(ep_group)
 
-    world = dp * ep
-    if world > 1 and dense != "none":
+    if dp * ep > 1 and dense != "none":
         flat = _flat_mesh(mesh)
         ignored = set(state.expert_params)
         if dense == "fsdp":
@@ -197,10 +213,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _flat_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """All ranks in one dimension: the dense parameters' data-parallel mesh."""
+    """The dp * ep ranks that see different tokens, in one dimension: the dense parameters' data-parallel mesh."""
     if len(mesh.mesh.shape) == 1:
         return mesh
-    return mesh._flatten("dp_ep")
+    return mesh["dp", "ep"]._flatten("dp_ep")
 
 
 # ------------------------------------------------------------------------------------------------------ gradients
@@ -244,7 +260,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
         if isinstance(g, DTensor):
             shards = 1
             for dim, placement in enumerate(g.placements):
-                if placement.is_shard():
+                if placement.is_partial():  # not reduced yet: its local values are not the gradient's
+                    raise RuntimeError(f"a gradient is still a partial sum ({g.placements}); reduce it first")
+                if not placement.is_replicate():  # Shard, and FSDP2's _StridedShard (is_shard() is False for it)
                     shards *= g.device_mesh.size(dim)
             copies = world // shards
             local = g.to_local()
