@@ -381,6 +381,9 @@ class ParallelConfig:
 
     ep: int = 1
     """Expert-parallel size: processes that split each Switch layer's experts; must divide num_experts."""
+    tp: int = 1
+    """Tensor-parallel size: processes that share their tokens and split every attention's heads and dense FFN's
+    hidden units (paper §5.5); must divide num_heads and d_ff. The mesh is (N / (ep * tp), ep, tp)."""
     dense: Literal["fsdp", "ddp"] = "fsdp"
     """Data parallelism of the non-expert weights: FSDP2 ``fully_shard`` or DDP."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -391,6 +394,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _check_types(self, "parallel")
         _check_range(self, "parallel", "ep", ge=1, hint="1 means no expert parallelism")
+        _check_range(self, "parallel", "tp", ge=1, hint="1 means no tensor parallelism")
         _check_range(self, "parallel", "timeout_s", gt=0.0)
 
 
