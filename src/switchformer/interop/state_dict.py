@@ -46,6 +46,7 @@ __all__ = [
     "hf_param_shapes",
     "infer_sparse_steps",
     "is_stacked_key",
+    "map_hf_key",
     "state_dict_from_hf",
     "state_dict_to_hf",
     "validate_hf",
@@ -192,8 +193,10 @@ def infer_sparse_steps(keys: Iterable[str], cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def _map_hf_key(key: str, gated: bool) -> tuple[str, int | None]:
-    """transformers key -> (switchformer key, expert index or None)."""
+def map_hf_key(key: str, gated: bool) -> tuple[str, int | None]:
+    """One transformers key -> ``(switchformer key, expert index or None)``: ``...experts.expert_{j}.wi.weight`` is
+    row ``j`` of ``...experts.w_in``; other keys keep their name (routers are renamed). Per tensor, so that a loader
+    can decide which tensors to read before reading any (expert parallelism reads only its own experts)."""
     m = _EXPERT_RE.match(key)
     if m:
         w = m["w"]
@@ -235,7 +238,7 @@ def convert_from_hf(
             continue  # aliases of shared.weight (older checkpoints store them); transformers ties them too
         if not cfg.tie_word_embeddings and key in TIED_ALIASES[:2]:
             continue  # checked equal to shared.weight by validate_hf
-        new_key, j = _map_hf_key(key, gated)
+        new_key, j = map_hf_key(key, gated)
         t = load()
         t = t.to(device=device if device is not None else t.device,
                  dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
