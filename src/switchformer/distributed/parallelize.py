@@ -113,7 +113,9 @@ def parallelize(
 
     Args:
         model: a module holding ``SwitchFFN`` layers (a switchformer model, your own model, or a bare layer),
-            identical on every rank (same config; weights are taken from rank 0).
+            identical on every rank (same config; weights are taken from rank 0). Expert weights that are already
+            DTensors on ``mesh`` placed ``Shard(0)`` over "ep" (and ``Replicate()`` elsewhere) are kept as they are:
+            each rank loaded its own shard (``switchformer.distributed.from_pretrained_sharded``).
         mesh: a 2-D DeviceMesh named ("dp", "ep"), or 1-D "dp" / "ep"; dp * ep = the number of processes. A 3-D
             mesh ("dp", "ep", "tp") adds tensor parallelism of attention and dense FFNs over "tp"
             (``tensor_parallel``; with dense="fsdp" or "none").
@@ -170,8 +172,12 @@ def parallelize(
                 param = getattr(layer.experts, weight)
                 if param is None:
                     continue
-                shared = nn.Parameter(distribute_tensor(param.detach(), mesh, placements),
-                                      requires_grad=param.requires_grad)
+                if isinstance(param, DTensor):  # loaded already sharded (from_pretrained_sharded): kept as it is
+                    _check_expert_shard(param, mesh, placements, f"{name}.experts.{weight}" if name else weight)
+                    shared = param if isinstance(param, nn.Parameter) else nn.Parameter(param)
+                else:
+                    shared = nn.Parameter(distribute_tensor(param.detach(), mesh, placements),
+                                          requires_grad=param.requires_grad)
                 setattr(layer.experts, weight, shared)
                 state.expert_params.append(shared)
                 state.expert_names.append(f"{name}.experts.{weight}" if name else f"experts.{weight}")
@@ -197,6 +203,17 @@ def parallelize(
             model = DistributedDataParallel(model, process_group=flat.get_group())
     setattr(model, PARALLEL_ATTR, state)
     return model
+
+
+def _check_expert_shard(param: DTensor, mesh: DeviceMesh, placements: list, name: str) -> None:
+    """An expert weight that arrives as a DTensor must already have the layout ``parallelize`` would give it."""
+    if param.device_mesh != mesh or tuple(param.placements) != tuple(placements):
+        raise ConfigError(
+            f"{name} is already a DTensor with placements {tuple(param.placements)} on mesh "
+            f"{param.device_mesh.mesh_dim_names}, but expert parallelism needs {tuple(placements)} on "
+            f"{mesh.mesh_dim_names}; pass the expert weights as plain tensors, or shard them with these placements "
+            "on the mesh given to parallelize"
+        )
 
 
 def parallel_state(model: nn.Module) -> ParallelState | None:
