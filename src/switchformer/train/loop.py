@@ -538,6 +538,7 @@ def train(
     run_dir: str | Path | None = None,
     components: Components | None = None,
     print_fn: Callable[[str], None] = print,
+    trainer_cls: type[Trainer] = Trainer,
 ) -> TrainResult:
     """Train ``cfg`` and return the result; see the module docstring for what happens each step.
 
@@ -547,6 +548,8 @@ def train(
         run_dir: run directory; default ``cfg.out_dir/cfg.name`` (suffixed -2, -3... if it exists and not resume).
         components: pre-built model/tokenizer/loaders (tests); default ``build_components(cfg, device)``.
         print_fn: where progress lines go.
+        trainer_cls: the ``Trainer`` (sub)class that runs the named steps; a subclass may evaluate differently
+            (fine-tuning decodes and scores a task, ``switchformer.train.finetune``).
 
     Raises:
         NonFiniteLossError: a non-finite loss or gradient (unless ``cfg.train.skip_nonfinite``).
@@ -565,7 +568,7 @@ def train(
         print_fn("warning: train.precision=bfloat16 on CPU; without native bf16 matmuls this is much slower")
 
     t_setup = time.perf_counter()
-    trainer = Trainer(cfg, components or build_components(cfg, device), run_dir, device, print_fn)
+    trainer = trainer_cls(cfg, components or build_components(cfg, device), run_dir, device, print_fn)
     if resume:
         trainer.restore()
     else:
