@@ -188,10 +188,12 @@ def test_missing_expert_is_an_error_even_when_not_strict(hf_dir):
         H.from_pretrained(d, strict=False)
 
 
-def test_pickled_checkpoint_refused(tmp_path):
+def test_unreadable_pickle_is_named(tmp_path):
+    """A pickled-only directory is read through torch.load(weights_only=True); garbage there is a CheckpointError
+    naming the file (tests/interop/test_pickle_safety.py covers refused pickles)."""
     (tmp_path / "config.json").write_text(json.dumps(SWITCH_BASE_8))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not-a-real-pickle")
-    with pytest.raises(ValueError, match="never unpickles"):
+    with pytest.raises(H.CheckpointError, match=r"pytorch_model\.bin is not a readable PyTorch weights file"):
         H.from_pretrained(tmp_path)
 
 

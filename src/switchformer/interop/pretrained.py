@@ -3,8 +3,11 @@
 
 They join the three pieces below them: the config translation (:mod:`~switchformer.interop.hf_config`), the
 state-dict mapping (:mod:`~switchformer.interop.state_dict`) and the safetensors files
-(:mod:`~switchformer.interop.files`). Checkpoints are read and written as **safetensors only**; pickled
-``pytorch_model.bin`` files are refused, never unpickled. Two layouts:
+(:mod:`~switchformer.interop.files`), and find the weight files with :mod:`~switchformer.interop.hub`. Checkpoints
+are written as safetensors and read from safetensors when the checkpoint has them (on the requested revision, or in
+the Hub's safetensors conversion pull request); a checkpoint with only a pickled ``pytorch_model.bin`` is read through
+``torch.load(weights_only=True)``, PyTorch's restricted unpickler (tensors and containers only; anything else is
+refused, never run). Two layouts:
 
 - transformers' (``SwitchTransformersForConditionalGeneration``, and dense T5): config.json + ``model.safetensors``
   or a sharded ``model.safetensors.index.json``; ``google/switch-base-8`` and friends load directly, and what
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,15 +34,14 @@ from switchformer.errors import CheckpointError
 from switchformer.interop.files import (
     CONFIG_NAME,
     FORMAT_VERSION,
-    INDEX_NAME,
     ShardReader,
     read_json_object,
     unique_tensors,
-    weight_files,
     write_sharded,
     write_text_atomic,
 )
 from switchformer.interop.hf_config import MARKER, config_from_hf, config_to_hf, hf_unsupported
+from switchformer.interop.hub import PickleReader, ResolvedWeights, open_weights, resolve_weights
 from switchformer.interop.state_dict import (
     canonical_key,
     check_keys,
@@ -56,42 +57,8 @@ from switchformer.models.build import build_model
 
 __all__ = ["from_pretrained", "from_transformers", "save_pretrained"]
 
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_NAME, "spiece.model", "tokenizer*"]
-"""Files downloaded for a Hub id: config, safetensors weights and tokenizer, never pickles."""
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 """transformers' default shard limit."""
-_HUB_ID_RE = re.compile(r"[\w.-]+(/[\w.-]+)?")
-
-
-def _resolve_dir(path_or_id: str | os.PathLike, *, revision: str | None, cache_dir: str | os.PathLike | None,
-                 local_files_only: bool) -> Path:
-    """A local directory, or a Hub repo id downloaded (safetensors, config, tokenizer only) with huggingface_hub."""
-    p = Path(path_or_id).expanduser()
-    if p.is_dir():
-        return p
-    if p.is_file():
-        raise CheckpointError(f"path_or_id: {p} is a file; pass the directory that holds config.json and the weights")
-    name = str(path_or_id)
-    if not _HUB_ID_RE.fullmatch(name) or name.startswith((".", "/")):
-        raise FileNotFoundError(f"path_or_id: {name!r} is not a directory and not a Hub repo id like "
-                                "'google/switch-base-8'")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise FileNotFoundError(
-            f"{name!r} is not a local directory and huggingface_hub is not installed to download it. Install it "
-            "(`pip install huggingface_hub`) or pass a local directory holding config.json and model.safetensors"
-        ) from e
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS,
-                                      local_files_only=local_files_only))
-    except Exception as e:  # offline, unknown repo, gated repo, proxy: all end in the same advice
-        raise FileNotFoundError(
-            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine is "
-            "offline, download it elsewhere, e.g. `huggingface-cli download "
-            f"{name} --include 'config.json' '*.safetensors' '{INDEX_NAME}' 'spiece.model' --local-dir DIR`, "
-            "copy DIR here and pass that local directory"
-        ) from e
 
 
 def _read_config(d: Path) -> dict[str, Any]:
@@ -125,7 +92,7 @@ def _load_into(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, strict: bool, d
     return model.eval()
 
 
-def _convert_native(shards: ShardReader, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _convert_native(shards: ShardReader | PickleReader, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     out = {}
     for k, load in shards.stream(shards.shapes):
         t = load()
@@ -144,7 +111,7 @@ def _check_native_marker(marker: Mapping[str, Any], source: str) -> None:
 
 
 def from_pretrained(
-    path_or_id: str | os.PathLike,
+    path_or_id: str | os.PathLike | ResolvedWeights,
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
@@ -158,17 +125,21 @@ def from_pretrained(
     Accepts transformers SwitchTransformers checkpoints (config.json + ``model.safetensors`` or a sharded
     ``model.safetensors.index.json``; e.g. ``google/switch-base-8``), dense transformers T5 checkpoints (v1.0 relu
     or v1.1 gated-gelu; loaded as the all-dense baseline, sparse steps 0) and switchformer's native format
-    (decoder-only and gated models). The model is built on the meta device and the checkpoint tensors are assigned
-    shard by shard, so the weights are allocated once. Returned in eval mode.
+    (decoder-only and gated models). The weight file is chosen by :func:`~switchformer.interop.hub.resolve_weights`:
+    safetensors on the requested revision, else the Hub's safetensors conversion pull request, else the pickled
+    ``pytorch_model.bin`` through ``torch.load(weights_only=True, mmap=True)``; the choice is logged and left on the
+    model as ``model.weights_source`` (a :class:`~switchformer.interop.hub.ResolvedWeights`). The model is built on
+    the meta device and the checkpoint tensors are assigned shard by shard, so the weights are allocated once.
+    Returned in eval mode.
 
     Args:
-        path_or_id: a local directory, or a Hub repo id (downloaded with ``huggingface_hub`` when installed and
-            online; only config, safetensors and tokenizer files).
+        path_or_id: a local directory, a Hub repo id (downloaded with ``huggingface_hub`` when installed and online:
+            config, tokenizer and the weight files chosen), or a ``ResolvedWeights`` from ``resolve_weights``.
         dtype: parameter dtype (default: as stored, float32 for the released checkpoints).
         device: where to put the model (default CPU).
         strict: raise on missing or unexpected keys (mis-shaped keys always raise). With ``strict=False`` missing
             weights keep their random init and a warning lists them.
-        revision: Hub revision.
+        revision: Hub revision (branch, tag, commit or ``refs/pr/N``).
         cache_dir: Hub cache directory.
         local_files_only: use only the local Hub cache.
 
@@ -176,16 +147,26 @@ def from_pretrained(
         The model (an ``nn.Module`` with ``.config``), in eval mode.
 
     Raises:
-        CheckpointError: a config.json field of the wrong type, a bad shard index, a pickled-only checkpoint, an
-            unsupported config, or missing / unexpected / mis-shaped keys (all listed).
+        CheckpointError: a config.json field of the wrong type, a bad shard index, a pickle that needs more than
+            tensors and containers (refused, not run), an unsupported config, or missing / unexpected / mis-shaped
+            keys (all listed).
         FileNotFoundError: no such directory, no weights, or the Hub is unreachable.
     """
     dt = None if dtype is None else parse_dtype(dtype, name="dtype")
-    d = _resolve_dir(path_or_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    resolved = path_or_id if isinstance(path_or_id, ResolvedWeights) else resolve_weights(
+        path_or_id, revision, cache_dir, local_files_only=local_files_only)
+    model = _load_resolved(resolved, dt=dt, device=device, strict=strict)
+    model.weights_source = resolved
+    return model
+
+
+def _load_resolved(resolved: ResolvedWeights, *, dt: torch.dtype | None, device: torch.device | str | None,
+                   strict: bool) -> nn.Module:
+    d = resolved.directory
     raw = _read_config(d)
     source = str(d / CONFIG_NAME)
-    shards = ShardReader(weight_files(d), device=str(device) if device is not None and str(device) != "meta"
-                         else "cpu", rename=canonical_key)
+    shards = open_weights(resolved, device=str(device) if device is not None and str(device) != "meta" else "cpu",
+                          rename=canonical_key)
     marker = raw.get(MARKER) if isinstance(raw.get(MARKER), Mapping) else {}
     if marker.get("format") == "native":
         _check_native_marker(marker, source)
