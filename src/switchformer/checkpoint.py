@@ -17,6 +17,12 @@ POSIX), then ``latest`` is replaced atomically; a crash at any point leaves the 
 ``latest`` pointing at a complete one. A crash leaves the temporary folder behind: :func:`clean_incomplete` removes
 it when training starts again.
 
+A multi-process run writes the same layout with :func:`switchformer.distributed.save_distributed_checkpoint`: the
+weights and optimizer tensors go to ``dcp/`` (torch.distributed.checkpoint files: ``.metadata`` and one
+``__<rank>_0.distcp`` per rank, each tensor stored once under its single-process name with its global shape) and
+train_state.json says ``"kind": "distributed"``. Everything here reads such a checkpoint into a model on one process
+(no process group needed), so ``switchformer eval`` and ``switchformer generate`` work on a distributed run.
+
 Loading verifies the manifest first, so a truncated or corrupted file raises ``CheckpointError`` naming the file;
 :func:`load_latest` then falls back to the previous one. ``latest`` is only a hint: unreadable, or naming anything
 but a checkpoint folder of this run (an absolute path, ``..``, a symlink), it is ignored with a warning and the newest
@@ -29,11 +35,13 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +64,12 @@ __all__ = [
     "FORMAT_VERSION",
     "LoadedCheckpoint",
     "clean_incomplete",
+    "dcp_reader",
+    "dcp_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_dcp_state",
     "load_latest",
     "load_model_weights",
     "save_checkpoint",
@@ -72,6 +83,10 @@ STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.toml"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
+DCP_DIR = "dcp"
+"""Subfolder of a distributed checkpoint holding the torch.distributed.checkpoint files."""
+DISTRIBUTED_KIND = "distributed"
+"""``train_state.json["kind"]`` of a checkpoint written by ``save_distributed_checkpoint``."""
 _STEP_RE = re.compile(r"step_(\d+)")
 _TMP_RE = re.compile(r"\.tmp_step_\d+_(\d+)")
 _TMP_FILE_RE = re.compile(r"\..+\.tmp\.(\d+)")  # what interop.files.atomic_path leaves behind on a crash
@@ -291,12 +306,20 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         version = state.get("format_version")
         raise CheckpointError(f"{state_path}: format_version {version!r}, expected {FORMAT_VERSION}; this "
                               "checkpoint was written by another switchformer version, load it with that version")
+    kind = state.get("kind")
+    if kind not in (None, DISTRIBUTED_KIND):
+        raise CheckpointError(f"{state_path}: unknown checkpoint kind {kind!r}; this checkpoint was written by "
+                              "another switchformer version, load it with that version")
     manifest = state.get("manifest")
     if not isinstance(manifest, dict) or not all(isinstance(v, dict) for v in manifest.values()):
         raise CheckpointError(f"checkpoint file {state_path} is corrupted: no valid 'manifest'")
+    if kind == DISTRIBUTED_KIND and f"{DCP_DIR}/.metadata" not in manifest:
+        raise CheckpointError(f"checkpoint file {state_path} is corrupted: its manifest lacks {DCP_DIR}/.metadata")
     for name, info in manifest.items():
         f = path / name
-        if Path(name).name != name:
+        parts = Path(name).parts
+        in_dcp = kind == DISTRIBUTED_KIND and len(parts) == 2 and parts[0] == DCP_DIR and parts[1] not in (".", "..")
+        if Path(name).name != name and not in_dcp:
             raise CheckpointError(f"{state_path}: manifest entry {name!r} is not a file of the checkpoint folder")
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
@@ -341,6 +364,17 @@ def load_checkpoint(
 
 def _load_verified(path: Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                    restore_rng: bool) -> LoadedCheckpoint:
+    if state.get("kind") == DISTRIBUTED_KIND:
+        load_dcp_state(path, state, model, optimizer)
+    else:
+        _load_safetensors_state(path, state, model, optimizer)
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return LoadedCheckpoint(path=path, step=int(state["step"]), state=state)
+
+
+def _load_safetensors_state(path: Path, state: dict, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer | None) -> None:
     load_model_weights(path, model)
     if optimizer is not None and "optimizer" in state:
         f = path / OPTIM_FILE
@@ -349,9 +383,6 @@ def _load_verified(path: Path, state: dict, model: torch.nn.Module, optimizer: t
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"checkpoint file {f} could not be read ({e}); truncated or corrupted") from None
         optimizer.load_state_dict(merge_optimizer_state(tensors, state["optimizer"]))
-    if restore_rng:
-        set_rng_state(state["rng"])
-    return LoadedCheckpoint(path=path, step=int(state["step"]), state=state)
 
 
 def _pointed_checkpoint(root: Path) -> Path | None:
@@ -427,3 +458,174 @@ def load_latest(
             continue
         return _load_verified(p, state, model, optimizer, restore_rng)
     raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed checkpoints (torch.distributed.checkpoint), read in any process
+
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+        "StorageMeta", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` (a pickle by design) admitting only the classes DCP itself writes there, so a
+    crafted checkpoint cannot run code when it is loaded (the tensor files are read with ``weights_only=True``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+@cache
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            f = Path(self.path) / ".metadata"
+            try:
+                with open(f, "rb") as handle:
+                    metadata = _DCPMetadataUnpickler(handle).load()
+            except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
+                raise CheckpointError(f"checkpoint file {f} could not be read ({e}); it is truncated, corrupted or "
+                                      "not a switchformer checkpoint") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
+def dcp_reader(dcp_dir: str | os.PathLike) -> Any:
+    """A ``torch.distributed.checkpoint.FileSystemReader`` of ``dcp_dir`` whose metadata is unpickled with an
+    allow-list of DCP's own classes (nothing else is ever unpickled: only tensors are stored)."""
+    return _safe_reader_class()(str(dcp_dir))
+
+
+def dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+              ) -> tuple[dict[str, torch.Tensor], dict | None, dict, dict | None]:
+    """The tensors a distributed checkpoint stores, keyed as DCP stores them, and the JSON rest.
+
+    Model and optimizer state come from ``torch.distributed.checkpoint.state_dict.get_state_dict``: keyed by the
+    parameters' single-process names (FSDP/DDP wrappers removed), a sharded parameter (a DTensor) stays a DTensor of
+    its global shape. Only tensors go into DCP (``model.<name>``, ``optim.state.<name>.<state>``); the optimizer's
+    parameter groups and non-tensor state go to train_state.json. An optimizer without state gets its state
+    created first (one step with zero gradients and learning rate 0, which ``get_state_dict`` does), so that loading
+    has tensors to load into.
+
+    Returns:
+        ``(tensors, optimizer_meta or None, model_state_dict, optimizer_state_dict or None)``; the last two are what
+        ``set_state_dict`` takes once ``tensors`` have been loaded in place.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        msd, osd = get_model_state_dict(model), None
+    else:
+        msd, osd = get_state_dict(model, optimizer)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in msd.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"model state {name!r} is a {type(value).__name__}, not a tensor; distributed "
+                                  "checkpoints store tensors only")
+        tensors[f"model.{name}"] = value
+    meta = None
+    if osd is not None:
+        scalars: dict[str, dict] = {}
+        for name, pstate in osd["state"].items():
+            for key, value in pstate.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.state.{name}.{key}"] = value
+                else:
+                    scalars.setdefault(name, {})[key] = _jsonable(value)
+        meta = {"param_groups": _jsonable(osd["param_groups"]), "scalars": scalars}
+    return tensors, meta, msd, osd
+
+
+def _check_dcp_keys(metadata: Any, tensors: dict[str, torch.Tensor], where: Path, optimizer: bool) -> None:
+    """Every tensor to load is stored as a tensor of the same global shape; no model tensor is left over."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = metadata.state_dict_metadata
+    missing = [k for k in tensors if k not in stored]
+    unexpected = [k for k in stored if k.startswith("model.") and k not in tensors]
+    wrong = [f"{k}: stored {tuple(stored[k].size)}, the model has {tuple(t.shape)}"
+             for k, t in tensors.items() if k in stored and isinstance(stored[k], TensorStorageMetadata)
+             and tuple(stored[k].size) != tuple(t.shape)]
+    not_tensors = [k for k in tensors if k in stored and not isinstance(stored[k], TensorStorageMetadata)]
+    problems = []
+    if missing:
+        what = "optimizer state the checkpoint lacks (another optimizer?)" if all(
+            k.startswith("optim.") for k in missing) else "missing from the checkpoint"
+        problems.append(f"{what}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(f"shapes differ: {wrong[:8]}{' ...' if len(wrong) > 8 else ''}")
+    if not_tensors:
+        problems.append(f"stored as objects, not tensors (refusing to unpickle them): {not_tensors[:8]}")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not match the model{' and optimizer' if optimizer else ''}: "
+                              + "; ".join(problems) + "; build the model (and optimizer) from the checkpoint's "
+                              "config.toml")
+
+
+def load_dcp_state(path: str | os.PathLike, state: dict, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load the ``dcp/`` tensors of distributed checkpoint ``path`` (train state ``state``) into ``model`` and
+    ``optimizer``, resharding to however they are laid out.
+
+    A plain model on one process (no process group needed) reads every tensor whole; a parallelized model (DTensor
+    parameters; every rank calls this) reads only its own shards. The optimizer must be built like the saved one
+    (same type and parameter groups). RNG states are not touched.
+
+    Raises:
+        CheckpointError: a missing, extra or mis-shaped tensor (all listed), or unreadable metadata.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    path = Path(path)
+    if optimizer is not None and "optimizer" not in state:
+        optimizer = None  # saved without optimizer state: the optimizer keeps its own (as for single-process ones)
+    tensors, _, msd, osd = dcp_state(model, optimizer)
+    reader = dcp_reader(path / DCP_DIR)
+    _check_dcp_keys(reader.read_metadata(), tensors, path, optimizer is not None)
+    # A plain model reads on its own, even inside a job (an export on rank 0); sharded tensors read collectively.
+    collective = dist.is_available() and dist.is_initialized() and any(
+        isinstance(t, DTensor) for t in tensors.values())
+    try:
+        dcp.load(tensors, storage_reader=reader, no_dist=not collective)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP wraps per-rank failures (a truncated data file) in CheckpointException
+        raise CheckpointError(f"checkpoint {path / DCP_DIR} could not be read ({type(e).__name__}: {e}); it is "
+                              "truncated or corrupted") from None
+    if optimizer is None:
+        set_model_state_dict(model, msd)
+        return
+    meta = state["optimizer"]
+    for name, values in meta.get("scalars", {}).items():
+        osd["state"].setdefault(name, {}).update(values)
+    saved_groups, groups = meta["param_groups"], osd["param_groups"]
+    if len(saved_groups) != len(groups) or any(sorted(a["params"]) != sorted(b["params"])
+                                               for a, b in zip(saved_groups, groups, strict=True)):
+        raise CheckpointError(f"checkpoint {path}: the optimizer's parameter groups differ from the saved ones; "
+                              "build the optimizer with the checkpoint's config")
+    osd["param_groups"] = saved_groups
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
