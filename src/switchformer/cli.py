@@ -185,6 +185,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from switchformer.distributed import plan
+
+    hw = plan.Hardware(
+        devices=args.devices,
+        device_memory=plan.parse_quantity(args.device_memory, what="--device-memory", unit="80GB or 16GiB"),
+        link_bandwidth=plan.parse_quantity(args.link_bandwidth, what="--link-bandwidth", unit="100GB/s"),
+        device_flops=plan.parse_quantity(args.device_flops, what="--device-flops", unit="312T or 3.1e14"),
+        link_latency=float(args.link_latency),
+    )
+    chosen = dict(tokens_per_batch=args.tokens_per_batch, optimizer=args.optimizer, precision=args.precision,
+                  dense=args.dense, routing=args.routing)
+    if args.model.endswith(".toml"):
+        model, work = plan.workload_from_run_config(build_config(args.model, list(args.overrides)), **chosen)
+    else:
+        from switchformer.config import apply_overrides
+        from switchformer.models.presets import get_preset
+
+        model = apply_overrides(get_preset(args.model), list(args.overrides)) if args.overrides else \
+            get_preset(args.model)
+        work = plan.Workload(**{k: v for k, v in chosen.items() if v is not None})
+    plans = plan.plan_layouts(model, hw, work, max_tp=args.max_tp)
+    plan.best_fitting(plans, hw)  # a clear "does not fit" (exit status 2) when no layout fits
+    if args.json:
+        print(json.dumps(plan.plans_to_json(args.model, model, plans, hw, work, args.top)))
+    else:
+        print(plan.format_plans(args.model, model, plans, hw, work, args.top))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchformer", description="Switch Transformers: train, compare with dense, evaluate, generate, plot."
@@ -258,6 +288,31 @@ def make_parser() -> argparse.ArgumentParser:
                        help="describe a model preset (parameters, FLOPs); no argument lists presets")
     p.add_argument("preset", nargs="?", metavar="PRESET")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", parents=[common],
+                       help="which data x expert layouts fit N devices: memory per device and estimated step time",
+                       description="Per-device memory (weights, gradients, optimizer state, activations), all-to-all "
+                       "and gradient traffic, and an estimated step time for every dp x ep (x tp) layout of a model "
+                       "on N devices; fitting layouts fastest first (docs/plan.md).")
+    p.add_argument("model", metavar="PRESET|CONFIG.toml", help="a preset name (switchformer info) or a TOML recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides (model.* keys for a preset, e.g. moe.capacity_factor=1.0)")
+    p.add_argument("--devices", type=int, required=True, help="number of devices N")
+    p.add_argument("--device-memory", default="80GB", help="memory per device, e.g. 80GB or 16GiB (default 80GB)")
+    p.add_argument("--link-bandwidth", default="100GB/s", help="bytes/s per device in collectives (default 100GB/s)")
+    p.add_argument("--link-latency", default=0.0, type=float, help="seconds per collective call (default 0)")
+    p.add_argument("--device-flops", default="100T", help="sustained matmul FLOP/s per device (default 100T)")
+    p.add_argument("--tokens-per-batch", type=int, default=None,
+                   help="global tokens per step (default 2^20 for a preset, paper §4.1; the recipe's batch)")
+    p.add_argument("--optimizer", choices=("adafactor", "adamw"), default=None, help="default adafactor / recipe's")
+    p.add_argument("--precision", choices=("bfloat16", "float32"), default=None,
+                   help="activation and all-to-all dtype (default bfloat16, paper §2.4 / recipe's)")
+    p.add_argument("--dense", choices=("fsdp", "ddp"), default=None, help="dense weights: FSDP2 (default) or DDP")
+    p.add_argument("--routing", choices=("capacity", "dropless"), default=None, help="all-to-all mode (capacity)")
+    p.add_argument("--max-tp", type=int, default=None, help="largest tensor-parallel degree (1: what runs here)")
+    p.add_argument("--top", type=int, default=10, help="layouts to show (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

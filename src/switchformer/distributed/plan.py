@@ -502,6 +502,10 @@ def workload_from_run_config(run_cfg, **overrides) -> tuple[ModelConfig, Workloa
 # ------------------------------------------------------------------------------------------------- reporting
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:,.1f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:.2f}"
 
@@ -511,7 +515,7 @@ def format_plans(name: str, cfg: ModelConfig, plans: list[Plan], hw: Hardware, w
     counts = count_parameters(cfg)
     shown = [p for p in plans if p.fits][:top]
     lines = [
-        f"model      {name}: {counts['total'] / 1e9:.3g}B parameters ({counts['expert'] / 1e9:.3g}B in experts, "
+        f"model      {name}: {_count(counts['total'])} parameters ({_count(counts['expert'])} in experts, "
         f"{cfg.moe.num_experts} per Switch layer, {sum(sparse_layers(cfg).values())} Switch layers)",
         f"fleet      {hw.devices} devices x {_gb(hw.device_memory)} GB, {hw.device_flops / 1e12:.4g} TFLOP/s, link "
         f"{hw.link_bandwidth / GB:.4g} GB/s, latency {hw.link_latency * 1e6:.4g} us",
