@@ -101,7 +101,8 @@ class ResolvedWeights:
         """One line: which files were used and why (the text that is logged)."""
         names = ", ".join(sorted({f.name for f in self.files})) if len(self.files) <= 3 else (
             f"{len(self.files)} shards")
-        where = str(self.directory) if self.repo_id is None else f"{self.repo_id}@{self.revision or 'main'}"
+        where = (str(self.directory) if self.repo_id is None else self.repo_id if self.kind == "conversion_pr"
+                 else f"{self.repo_id}@{self.revision or 'main'}")
         if self.kind == "safetensors":
             return f"{where}: weights from safetensors ({names})"
         if self.kind == "conversion_pr":
