@@ -18,7 +18,11 @@
 
 Exact resume: the checkpoint holds weights, optimizer, RNG states and the data-loader position, and evaluation
 runs under a forked RNG, so a run killed at any point and resumed from its last checkpoint logs the same numbers as
-one that was never interrupted. A distributed wrapper can drive the same ``Trainer`` steps.
+one that was never interrupted.
+
+On several processes (``switchformer train --nproc N``, or torchrun) the same loop runs on every rank through the
+hooks of a run layout (``switchformer.train.parallel``): each rank trains on its rows of every global batch, the
+losses and gradients are those of the global batch, and rank 0 alone writes the run directory and the console.
 
 Run it: ``switchformer train`` (configs/default.toml), or ``python -c "from switchformer.train.loop import train;
 from switchformer.config import load_toml; train(load_toml('configs/tiny_test.toml'))"``.
@@ -39,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from switchformer import checkpoint as ck
-from switchformer.config import ModelConfig, RunConfig, load_toml, round_vocab, to_toml
+from switchformer.config import IGNORE_INDEX, ModelConfig, RunConfig, load_toml, round_vocab, to_toml
 from switchformer.errors import CheckpointError, ConfigError, DataError, RunError, SwitchformerError
 from switchformer.metrics import (
     MetricsLogger,
@@ -51,12 +56,14 @@ from switchformer.metrics import (
     read_metrics,
     truncate_metrics,
 )
-from switchformer.train.losses import token_nll
-from switchformer.train.optim import build_optimizer, lr_at, set_lr
+from switchformer.train.optim import lr_at, set_lr
+from switchformer.train.parallel import SingleProcess, describe, setup
 
 KILL_AFTER_STEP_ENV = "SWITCHFORMER_TEST_KILL_AFTER_STEP"
 """Test hook: set to N, the training process SIGKILLs itself after step N's log and eval records are written and
 before its checkpoint is saved: the crash an exact resume must survive, at a step a test chooses."""
+KILL_RANK_ENV = "SWITCHFORMER_TEST_KILL_RANK"
+"""Test hook for runs on several processes: only this rank kills itself (default: every rank)."""
 
 TRAIN_EXTRA = "pip install 'switchformer[train]'"
 
@@ -231,16 +238,36 @@ def routed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return out, probe.sums()
 
 
+def lm_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of ``batch``'s real labels (-100 ignored), in float32 or the
+    logits' wider dtype (float64 verification runs stay exact)."""
+    labels = batch["labels"]
+    if "decoder_input_ids" not in batch:  # decoder-only: labels align with input_ids; position t predicts t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(dtype).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """Real labels of ``batch`` that ``lm_nll`` counts."""
+    labels = batch["labels"] if "decoder_input_ids" in batch else batch["labels"][:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, precision: str = "float32"
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, precision: str = "float32",
+    layout: SingleProcess | None = None,
 ) -> dict:
-    """Validation metrics over ``batches`` (eval mode: no jitter/dropout, eval capacity factor).
+    """Validation metrics over ``batches`` (eval mode: no jitter/dropout, eval capacity factor). On several
+    processes (``layout``) each rank evaluates its rows of every batch and the sums are all-reduced.
 
     Returns:
         dict with val_loss (nats per target token), neg_log_perplexity (= -val_loss, paper §3, footnote 4),
         val_ppl, drop_fraction, router_entropy, load_entropy, tokens_per_expert {layer: [E]}.
     """
+    layout = layout or SingleProcess(device)
     was_training = model.training
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64)
@@ -249,18 +276,17 @@ def evaluate(
     # fork the RNG so evaluating never shifts the training random stream (exact resume)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for batch in batches:
-            batch = _to(batch, device)
+            batch = _to(layout.local(batch), device)
             with _autocast(device, precision):
                 out, entropy = routed_forward(model, batch)
-            if "decoder_input_ids" in batch:  # encoder-decoder: labels align with the decoder's logits
-                nll, n = token_nll(out.logits, batch["labels"])
-            else:  # decoder-only: labels align with input_ids; position t predicts label t + 1
-                nll, n = token_nll(out.logits[:, :-1], batch["labels"][:, 1:])
-            nll_sum += nll.double().cpu()
-            n_tokens += int(n)
+            nll_sum += lm_nll(out.logits, batch).double().cpu()
+            n_tokens += label_count(batch)
             stats.add(getattr(out, "router", None), entropy)
     model.train(was_training)
-    val_loss = float(nll_sum) / max(n_tokens, 1)
+    nll_total, n_tokens = layout.sum([float(nll_sum), n_tokens])
+    n_tokens = int(n_tokens)
+    stats = layout.reduce_router(stats)
+    val_loss = nll_total / max(n_tokens, 1)
     rec = {"val_loss": val_loss, "neg_log_perplexity": -val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     rec["val_tokens"] = n_tokens
     rec.update(stats.summary())
@@ -289,23 +315,25 @@ def _progress_bar(total: int, initial: int, desc: str):
 class Trainer:
     """One run's model, optimizer, data and counters, and the named steps of the training loop.
 
-    ``train`` drives it; a distributed wrapper can drive the same steps (reduce gradients inside ``train_step``,
-    save and log on one rank). Nothing is written to the run directory before ``start``.
+    ``train`` drives it on one process or on every rank of a distributed run (``layout``: the hooks that take a
+    rank's rows, reduce gradients and metrics, and checkpoint; ``switchformer.train.parallel``). Nothing is written
+    to the run directory before ``start``, and only by the main rank.
     """
 
     def __init__(self, cfg: RunConfig, comp: Components, run_dir: Path, device: torch.device,
-                 print_fn: Callable[[str], None] = print) -> None:
+                 print_fn: Callable[[str], None] = print, layout: SingleProcess | None = None) -> None:
         self.cfg, self.tc, self.comp = cfg, cfg.train, comp
         self.run_dir, self.device, self.print_fn = Path(run_dir), device, print_fn
+        self.layout = layout or SingleProcess(device)
         self.model = comp.model
-        self.optimizer = build_optimizer(comp.model, cfg.optim)
+        self.optimizer = self.layout.build_optimizer(comp.model, cfg.optim)
         self.run_cfg = dataclasses.replace(cfg, model=comp.model_cfg)
         self.state = TrainState()
         self.evals: list[dict] = []
         self.window = LogWindow()
         self.session_seconds = 0.0  # training time of this invocation: what train.max_minutes limits
         self.grad_norm = float("nan")
-        self.logger: MetricsLogger | None = None
+        self.logger: MetricsLogger | _NullLogger | None = None
         self.bar = None
         self.resumed_from: Path | None = None
         self._batches = _iter_forever(comp.train_loader)
@@ -329,7 +357,7 @@ class Trainer:
         with warnings.catch_warnings(record=True) as skipped:  # checkpoints load_latest fell back from
             warnings.simplefilter("always")
             try:
-                loaded = ck.load_latest(self.run_dir, self.model, self.optimizer)
+                path, step, s = self.layout.load_checkpoint(self.run_dir, self.model, self.optimizer, self.tc.seed)
             except CheckpointError as e:
                 if not ck.list_checkpoints(self.run_dir):
                     raise RunError(f"{self.run_dir} has no checkpoint to resume from; train it without "
@@ -340,15 +368,19 @@ class Trainer:
                 raise RunError(f"cannot resume {self.run_dir}: {e}") from e
         for w in skipped:
             self.print_fn(f"warning: {w.message}")
-        s = loaded.state
-        self.state = TrainState(step=loaded.step, train_seconds=float(s.get("train_seconds", 0.0)),
+        self.state = TrainState(step=step, train_seconds=float(s.get("train_seconds", 0.0)),
                                 tokens_seen=int(s.get("tokens_seen", 0)), skipped=int(s.get("skipped_steps", 0)))
         if s.get("data") is not None and hasattr(self.comp.train_loader, "load_state_dict"):
             self.comp.train_loader.load_state_dict(s["data"])
-        self.resumed_from = loaded.path
+        self.resumed_from = path
 
     def start(self, setup_seconds: float = 0.0) -> None:
-        """Write the run's config and tokenizer, clean up after a kill, and open the metrics log."""
+        """Write the run's config and tokenizer, clean up after a kill, and open the metrics log (the main rank;
+        the others only log nothing)."""
+        self.model.train()
+        if not self.layout.is_main:
+            self.logger = _NullLogger()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         removed = ck.clean_incomplete(self.run_dir)
         if removed:
@@ -359,8 +391,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         mc = self.comp.model_cfg
         kind = f"Switch, {mc.moe.num_experts} experts" if mc.is_sparse else "dense"
+        where = describe(self.layout)
         self.print_fn(f"run {self.run_dir}: {mc.arch} ({kind}), {n_params / 1e6:.2f}M parameters, vocab "
-                      f"{mc.vocab_size}; setup {setup_seconds:.0f}s")
+                      f"{mc.vocab_size}{'; ' + where if where else ''}; setup {setup_seconds:.0f}s")
         if self.resumed_from is not None:
             truncate_metrics(self.run_dir, self.state.step)  # records written after the checkpoint
             self.evals = read_metrics(self.run_dir, "eval")
@@ -371,15 +404,20 @@ class Trainer:
                              "arch": mc.arch, "corpus": self.comp.corpus_summary})
         if self.tc.progress:
             self.bar = _progress_bar(self.tc.steps, self.state.step, self.run_dir.name)
-        self.model.train()
 
     def next_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The ``grad_accum`` micro-batches of the next step, on the device."""
+        """The ``grad_accum`` (global) micro-batches of the next step, on the device."""
         return [_to(next(self._batches), self.device) for _ in range(self.tc.grad_accum)]
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         """One optimizer step over ``micro``: forward and backward per micro-batch, finiteness check, gradient
         clipping, the scheduled learning rate and the update; advances the counters and the log window.
+
+        Each micro-batch's loss is its LM loss (the mean over its real label tokens; on several processes, over
+        the global micro-batch: this rank's NLL sum scaled by processes / global label tokens, so the averaged
+        gradients are those of the global mean) plus the weighted auxiliary losses; the step's loss is the mean
+        over micro-batches. Every rank runs every backward, even after a non-finite loss, so the collectives stay
+        in step; the update is then skipped on all of them.
 
         Raises:
             NonFiniteLossError: a non-finite loss or gradient, unless ``train.skip_nonfinite`` (then the update is
@@ -388,24 +426,32 @@ class Trainer:
         tc, step = self.tc, self.state.step
         t0 = time.perf_counter()
         rng_before = torch.get_rng_state()
-        loss_sum, lm_sum = 0.0, 0.0
+        loss_sum, lm_sum, bad_losses = 0.0, 0.0, 0
         nonfinite = None
-        for batch in micro:
+        for global_batch in micro:
+            batch = self.layout.local(global_batch)
             with _autocast(self.device, tc.precision):
                 out, entropy = routed_forward(self.model, batch)
-            if not torch.isfinite(out.loss.detach()):
-                nonfinite = "loss"
-                break
-            (out.loss / tc.grad_accum).backward()
-            loss_sum += float(out.loss.detach()) / tc.grad_accum
-            lm = getattr(out, "lm_loss", None)
-            lm_sum += float(lm.detach() if lm is not None else out.loss.detach()) / tc.grad_accum
-            self.window.router.add(getattr(out, "router", None), entropy)
-            self.window.tokens += batch_tokens(batch)
+            lm = lm_nll(out.logits, batch) * self.layout.world / max(label_count(global_batch), 1)
+            loss = lm + out.aux_loss if getattr(out, "aux_loss", None) is not None else lm
+            if not torch.isfinite(loss.detach()):
+                bad_losses += 1
+            else:
+                loss_sum += float(loss.detach()) / tc.grad_accum
+                lm_sum += float(lm.detach()) / tc.grad_accum
+                self.window.router.add(getattr(out, "router", None), entropy)
+            (loss / tc.grad_accum).backward()
+            self.window.tokens += batch_tokens(global_batch)
+        # mean over ranks = the global losses; the count makes the non-finite decision the same on every rank
+        loss_sum, lm_sum, bad_losses = self.layout.sum([loss_sum, lm_sum, bad_losses])
+        loss_sum, lm_sum = loss_sum / self.layout.world, lm_sum / self.layout.world
         self.grad_norm = float("nan")
-        if nonfinite is None:
+        if bad_losses:
+            nonfinite, loss_sum, lm_sum = "loss", float("nan"), float("nan")
+        else:
+            self.layout.finish_gradients(self.model)
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")  # inf: measure
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            self.grad_norm = self.layout.clip_grad_norm(self.model, max_norm)
             if not math.isfinite(self.grad_norm):
                 nonfinite = "gradient"
         if nonfinite is None:
@@ -427,7 +473,9 @@ class Trainer:
 
     def _nonfinite_step(self, micro: list[dict[str, torch.Tensor]], rng_before: torch.Tensor, what: str) -> None:
         step = self.state.step + 1
-        where = _locate_nonfinite(self.model, micro, rng_before, self.device, self.tc.precision, what)
+        local = [self.layout.local(b) for b in micro]
+        where = self.layout.first(_locate_nonfinite(self.model, local, rng_before, self.device, self.tc.precision,
+                                                    what)) or "the loss computation (all module outputs were finite)"
         if not self.tc.skip_nonfinite:
             self.logger.log({"kind": "error", "step": step, "error": f"non-finite {what}", "where": where})
             self.close()
@@ -449,7 +497,7 @@ class Trainer:
     def log(self) -> dict:
         """Write the 'train' record of the steps since the last one, and start a new window."""
         w, step = self.window, self.state.step
-        rs = w.router.summary()
+        rs = self.layout.reduce_router(w.router).summary()
         n = max(w.steps, 1)
         rec = {"kind": "train", "step": step, "loss": w.loss / n, "lm_loss": w.lm_loss / n,
                "lr": lr_at(step - 1, self.cfg.optim, self.tc.steps), "grad_norm": self.grad_norm,
@@ -466,7 +514,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Evaluate on the fixed validation batches, log the 'eval' record and print one line."""
-        ev = evaluate(self.model, self.comp.val_batches, self.device, self.tc.precision)
+        ev = evaluate(self.model, self.comp.val_batches, self.device, self.tc.precision, self.layout)
         s = self.state
         ev.update({"kind": "eval", "step": s.step, "train_seconds": s.train_seconds, "tokens_seen": s.tokens_seen})
         self.logger.log(ev)
@@ -483,8 +531,8 @@ class Trainer:
                  "lr": lr_at(s.step - 1, self.cfg.optim, tc.steps), "schedule": self.cfg.optim.schedule,
                  "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
                  "last_eval": {k: v for k, v in self.last_eval.items() if k != "tokens_per_expert"}}
-        return ck.save_checkpoint(self.run_dir, s.step, self.model, self.optimizer, state, to_toml(self.run_cfg),
-                                  keep=tc.keep_checkpoints)
+        return self.layout.save_checkpoint(self.run_dir, s.step, self.model, self.optimizer, state,
+                                           to_toml(self.run_cfg), tc.keep_checkpoints)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -499,7 +547,7 @@ class Trainer:
         self.logger.log({"kind": "end", "step": s.step, "train_seconds": s.train_seconds, "stop": reason})
         self.close()
         self.print_fn(f"stopped at step {s.step}: {reason}")
-        if self.tc.plots:
+        if self.tc.plots and self.layout.is_main:
             try:
                 from switchformer.plot import plot_run
 
@@ -507,6 +555,16 @@ class Trainer:
             except Exception as e:  # plotting must never lose a finished run
                 self.print_fn(f"warning: plotting failed: {e}")
         return TrainResult(self.run_dir, s.step, self.last_eval, self.evals, s.train_seconds, reason)
+
+
+class _NullLogger:
+    """The metrics log of a rank that is not the main one: records go nowhere."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _model_changes(previous_toml: Path, model_cfg: ModelConfig) -> list[str]:
@@ -526,8 +584,10 @@ def _flatten(d: dict, prefix: str) -> dict:
     return out
 
 
-def _kill_step() -> int | None:
-    value = os.environ.get(KILL_AFTER_STEP_ENV)
+def _kill_step(rank: int) -> int | None:
+    value, only_rank = os.environ.get(KILL_AFTER_STEP_ENV), os.environ.get(KILL_RANK_ENV)
+    if only_rank and int(only_rank) != rank:
+        return None
     return int(value) if value else None
 
 
@@ -556,25 +616,46 @@ def train(
         RunError: ``resume`` and no checkpoint fits this config (nothing was written to the run then).
     """
     tc = cfg.train
-    if run_dir is None:
-        run_dir = Path(cfg.out_dir) / cfg.name if resume else _unique_run_dir(cfg)
-    run_dir = Path(run_dir)
-    if resume and not (run_dir / "checkpoints").is_dir():
-        raise RunError(f"{run_dir} has no checkpoints to resume from; train it without --resume")
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     device = resolve_device(tc.device)
+    layout = setup(cfg, device)  # one process, or this rank of a distributed run (checks the layout and config)
+    try:
+        if not layout.is_main:
+            print_fn = _quiet
+        return _train(cfg, layout, resume, run_dir, components, print_fn, trainer_cls)
+    finally:
+        layout.close()
+
+
+def _quiet(text: str) -> None:
+    """The console of a rank that is not the main one."""
+
+
+def _train(cfg: RunConfig, layout: SingleProcess, resume: bool, run_dir: str | Path | None,
+           components: Components | None, print_fn: Callable[[str], None],
+           trainer_cls: type[Trainer]) -> TrainResult:
+    tc, device = cfg.train, layout.device
+    if run_dir is None:
+        run_dir = layout.from_main(lambda: Path(cfg.out_dir) / cfg.name if resume else _unique_run_dir(cfg))
+    run_dir = Path(run_dir)
+    if resume and not (run_dir / "checkpoints").is_dir():
+        raise RunError(f"{run_dir} has no checkpoints to resume from; train it without --resume")
     if tc.precision == "bfloat16" and device.type == "cpu":
         print_fn("warning: train.precision=bfloat16 on CPU; without native bf16 matmuls this is much slower")
 
     t_setup = time.perf_counter()
-    trainer = trainer_cls(cfg, components or build_components(cfg, device), run_dir, device, print_fn)
+    # the main rank first trains and caches the tokenizer and token arrays; the others then read its caches
+    comp = components or layout.main_first(lambda: build_components(cfg, device))
+    comp.model = layout.parallelize(comp.model, cfg)  # the same init on every rank (train.seed)
+    trainer = trainer_cls(cfg, comp, run_dir, device, print_fn, layout=layout)
     if resume:
         trainer.restore()
     else:
-        torch.manual_seed(tc.seed)  # dropout and jitter stream; the init already used it in build_components
+        # dropout and jitter stream; the init already used train.seed in build_components
+        torch.manual_seed(layout.stream_seed(tc.seed))
     trainer.start(time.perf_counter() - t_setup)
-    kill_at = _kill_step()
+    kill_at = _kill_step(layout.rank)
 
     stop = trainer.stop_reason()
     while stop is None:
@@ -601,20 +682,24 @@ def _locate_nonfinite(
     device: torch.device,
     precision: str,
     what: str,
-) -> str:
-    """Name the first module whose output is non-finite, replaying the step's batches under the same RNG."""
+) -> str | None:
+    """Name the first module whose output is non-finite, replaying the step's batches under the same RNG (None
+    when this rank found nothing non-finite)."""
     rng_now = torch.get_rng_state()
     try:
         torch.set_rng_state(rng_before)
-        for batch in micro:
+        found = None
+        for batch in micro:  # every batch, even after a hit: on several processes each forward is collective
             with _autocast(device, precision):
                 where = first_nonfinite_module(model, lambda b=batch: model(**b))
-            if where is not None:
-                return where
+            found = found or where
     finally:
         torch.set_rng_state(rng_now)
+    if found is not None:
+        return found
     if what == "gradient":
         for name, p in model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # this rank's shard of a DTensor
+            if grad is not None and not bool(torch.isfinite(grad).all()):
                 return f"the gradient of {name} (all forward outputs were finite)"
-    return "the loss computation (all module outputs were finite)"
+    return None
