@@ -29,6 +29,7 @@ ALLOWED = {  # package -> the switchformer packages / top-level modules it may i
     "interop": FOUNDATION | {"moe", "models", "interop"},
     "data": {"config", "errors", "data"},
     "distributed": FOUNDATION | {"moe", "models", "interop", "distributed", "checkpoint"},
+    "reproduce": FOUNDATION | {"moe", "models", "data", "train", "plot", "metrics", "reproduce"},
 }
 ANYTHING_BUT_CLI = {"train"}
 NO_DISTRIBUTED = {"moe", "models"}
