@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -306,4 +307,96 @@ def get_tokenizer(cfg: DataConfig, corpus, cache_dir: str | os.PathLike | None =
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, tok._proto)
         tok.source = str(path)
+    return tok
+
+
+SPIECE_NAME = "spiece.model"
+DEFAULT_NUM_SENTINELS = 100
+"""T5's sentinel count (``<extra_id_0>`` ... ``<extra_id_99>``), the released tokenizers' ``extra_ids``."""
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _checkpoint_sentinels(d: Path) -> tuple[int | None, dict[int, int]]:
+    """(``extra_ids`` if a tokenizer file states it, {sentinel index: id} the tokenizer files assign) of a
+    transformers-format directory; names listed without ids only raise the count."""
+    count: int | None = None
+    ids: dict[int, int] = {}
+    named = -1
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
+        path = d / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path} is not valid JSON ({e}); re-download the checkpoint's tokenizer files") from None
+        if not isinstance(raw, dict):
+            continue
+        extra = raw.get("extra_ids")
+        if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0:
+            count = extra
+        if name == "added_tokens.json":  # {content: id}
+            tokens: list = [{"content": k, "id": v} for k, v in raw.items()]
+        elif name == "tokenizer.json":  # added_tokens: [{"id": .., "content": ..}]
+            tokens = _as_list(raw.get("added_tokens"))
+        else:  # names only (transformers 4.x: additional_special_tokens; 5.x: extra_special_tokens)
+            tokens = _as_list(raw.get("additional_special_tokens")) + _as_list(raw.get("extra_special_tokens"))
+        for tok in tokens:
+            content = tok.get("content") if isinstance(tok, dict) else tok
+            m = _SENTINEL_RE.fullmatch(content) if isinstance(content, str) else None
+            if m is None:
+                continue
+            named = max(named, int(m.group(1)))
+            if isinstance(tok, dict) and isinstance(tok.get("id"), int):
+                ids[int(m.group(1))] = tok["id"]
+    if count is None and named >= 0:
+        count = named + 1
+    return count, ids
+
+
+def load_checkpoint_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a transformers-format checkpoint directory ships: its ``spiece.model`` plus T5's sentinels.
+
+    This is the tokenizer of the released T5 / Switch checkpoints (paper §3, "Vocabulary"): 32000 pieces and 100
+    sentinels, ``<extra_id_0>`` = 32099, in an embedding of 32128 rows. The sentinel count is the tokenizer files'
+    ``extra_ids`` (``tokenizer_config.json``), else one more than the highest ``<extra_id_N>`` they name, else 100;
+    ids the files assign to sentinels must be the ones this layout gives them.
+
+    Args:
+        directory: a checkpoint directory holding ``spiece.model`` (and usually config.json).
+
+    Raises:
+        DataError: no ``spiece.model``, a model without T5's special ids, sentinel ids that disagree with T5's layout,
+            or pieces + sentinels that exceed config.json's ``vocab_size`` (ids the model has no embedding for).
+    """
+    d = Path(directory)
+    path = d / SPIECE_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{d} has no {SPIECE_NAME}; a checkpoint's SentencePiece tokenizer lives there (download it with the "
+            "weights, e.g. `hf download REPO spiece.model --local-dir DIR`), or pass a tokenizer file explicitly")
+    count, ids = _checkpoint_sentinels(d)
+    tok = Tokenizer(path.read_bytes(), num_sentinels=DEFAULT_NUM_SENTINELS if count is None else count,
+                    source=str(path))
+    wrong = {f"<extra_id_{i}>": j for i, j in ids.items() if i >= tok.num_sentinels or tok.sentinel_id(i) != j}
+    if wrong:
+        raise DataError(
+            f"{d}: the tokenizer files give sentinels ids {dict(list(wrong.items())[:3])}, but T5's layout with "
+            f"{tok.num_pieces} pieces and {tok.num_sentinels} sentinels puts <extra_id_N> at "
+            f"{tok.vocab_size - 1} - N; the tokenizer files do not match this spiece.model")
+    config = d / "config.json"
+    vocab = None
+    if config.is_file():
+        try:
+            vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            vocab = None  # config.json errors are the model loader's to report
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and tok.vocab_size > vocab:
+        raise DataError(
+            f"{path}: {tok.num_pieces} pieces + {tok.num_sentinels} sentinels = {tok.vocab_size} ids, but "
+            f"{config} has vocab_size {vocab}: the tokenizer does not belong to this model (or state the sentinel "
+            "count as 'extra_ids' in tokenizer_config.json)")
     return tok

@@ -107,7 +107,11 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     """Generate a continuation of ``prompt`` (decoder-only) or the decoder output for ``prompt`` as encoder input
-    (encoder-decoder; a span-corruption model fills ``<extra_id_N>`` sentinels in the prompt)."""
+    (encoder-decoder; a span-corruption model fills ``<extra_id_N>`` sentinels in the prompt).
+
+    Decoding stops at the tokenizer's EOS, and the text is decoded as T5's vocabulary (seqio) decodes: up to the
+    first EOS, with ids the model has but the tokenizer lacks (the embedding's padding rows, e.g. 32100..32127 of the
+    released checkpoints) read as ``<unk>``."""
     ids = tokenizer.encode(prompt)
     enc_dec = model.config.arch == "encoder_decoder"
     if enc_dec:
@@ -118,8 +122,10 @@ def generate_text(
     gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_k=top_k, top_p=top_p, num_beams=num_beams, generator=gen)
+                             top_k=top_k, top_p=top_p, num_beams=num_beams, generator=gen,
+                             eos_token_id=tokenizer.eos_id)
     out = out[0].tolist()
-    if not enc_dec:
-        out = out[len(ids) :]  # decoder-only returns prompt + continuation
-    return tokenizer.decode(out)
+    out = out[len(ids) :] if not enc_dec else out  # decoder-only returns prompt + continuation
+    if tokenizer.eos_id in out:
+        out = out[: out.index(tokenizer.eos_id)]
+    return tokenizer.decode([i if i < tokenizer.vocab_size else tokenizer.unk_id for i in out])
