@@ -133,6 +133,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_run_path(source: str) -> bool:
+    """Whether ``generate SOURCE`` names a run (or a checkpoint directory inside one, which has config.toml) rather
+    than a transformers-format directory (config.json) or a Hub id."""
+    p = Path(source)
+    return p.is_dir() and ((p / "config.toml").is_file() or not (p / "config.json").is_file())
+
+
+def _load_checkpoint(source: str, tok, device: str):
+    """(model, tokenizer) of a transformers-format directory or Hub id: the weights as ``resolve_weights`` finds
+    them, the tokenizer from the checkpoint's own spiece.model unless one was given."""
+    from switchformer.interop import from_pretrained, resolve_weights
+
+    p = Path(source)
+    if not p.exists() and p.parent != Path(".") and p.parent.is_dir():
+        raise RunError(f"{source} does not exist; pass a run directory, a checkpoint directory (config.json, "
+                       "weights, spiece.model) or a Hub id like google/switch-base-8")
+    resolved = resolve_weights(source)  # a Hub id is downloaded here: config, weights and tokenizer files
+    if tok is None:  # before the model is built: a checkpoint without spiece.model fails at once
+        from switchformer.data.tokenizer import load_checkpoint_tokenizer
+
+        tok = load_checkpoint_tokenizer(resolved.directory)
+    return from_pretrained(resolved, device=device), tok
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from switchformer.train.runs import generate_text, load_run
 
@@ -141,17 +165,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from switchformer.data.tokenizer import Tokenizer
 
         tok = Tokenizer.from_file(args.tokenizer)
-    if args.run_dir is not None:
+    if args.run_dir is not None and _is_run_path(args.run_dir):
         run = load_run(args.run_dir, args.device)
         model, tok = run.model, tok if tok is not None else run.tokenizer
     else:
         from switchformer.models import build_model
         from switchformer.models.presets import get_preset
 
-        if args.model_dir is not None:
-            from switchformer.interop import from_pretrained
-
-            model = from_pretrained(args.model_dir, device=args.device)
+        if args.run_dir is not None or args.model_dir is not None:
+            model, tok = _load_checkpoint(args.run_dir or args.model_dir, tok, args.device)
         elif args.preset is not None:
             model = build_model(get_preset(args.preset)).eval()  # random weights: a smoke test of generation
         else:
@@ -272,12 +294,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", parents=[common],
-                       help="generate text from a run directory (or a model directory / preset)")
-    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory or checkpoint directory")
+                       help="generate text from a run directory, a released checkpoint (directory or Hub id) or a "
+                            "preset")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                   help="a run directory (or a checkpoint directory inside one), a transformers-format directory "
+                        "(config.json, weights, spiece.model) or a Hub id like google/switch-base-8")
     p.add_argument("--prompt", required=True, help="input text (encoder-decoder: may contain <extra_id_0> sentinels)")
-    p.add_argument("--model-dir", help="a saved model directory (transformers SwitchTransformers or switchformer)")
+    p.add_argument("--model-dir", help="a saved model directory (transformers SwitchTransformers or switchformer); "
+                                       "the same as giving it as RUN_DIR")
     p.add_argument("--preset", help="a preset name (random weights; for smoke tests)")
-    p.add_argument("--tokenizer", help="spiece.model (default: the run's tokenizer)")
+    p.add_argument("--tokenizer", help="spiece.model (default: the run's, or the checkpoint's spiece.model)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
