@@ -610,7 +610,9 @@ def load_dcp_state(path: str | os.PathLike, state: dict, model: torch.nn.Module,
     collective = dist.is_available() and dist.is_initialized() and any(
         isinstance(t, DTensor) for t in tensors.values())
     try:
-        dcp.load(tensors, storage_reader=reader, no_dist=not collective)
+        with warnings.catch_warnings():  # loading in one process is intended here, not a fallback
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(tensors, storage_reader=reader, no_dist=not collective)
     except CheckpointError:
         raise
     except Exception as e:  # DCP wraps per-rank failures (a truncated data file) in CheckpointException

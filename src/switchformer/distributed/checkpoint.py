@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -223,7 +224,9 @@ def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, model: nn
     _check_experts_global(inner, tensors)
     writer = dcp.FileSystemWriter(str(tmp / ck.DCP_DIR), single_file_per_rank=True, sync_files=True)
     try:
-        dcp.save(tensors, storage_writer=writer)
+        with warnings.catch_warnings():  # one process without a process group is a supported layout
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.save(tensors, storage_writer=writer)
     except Exception as e:  # DCP raises the same CheckpointException on every rank when any rank failed
         raise CheckpointError(f"writing checkpoint {tmp} failed ({type(e).__name__}: {e}); the previous "
                               "checkpoint is intact") from None
