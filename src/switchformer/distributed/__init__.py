@@ -1,7 +1,8 @@
 """Expert and data parallelism on torch.distributed (paper §5): ``parallelize(model, mesh)`` shards each SwitchFFN's
 experts over the "ep" mesh dimension behind an all-to-all dispatcher and makes everything else data-parallel
 (FSDP2 or DDP). ``save_distributed_checkpoint`` / ``load_distributed_checkpoint`` write and read checkpoints that
-reshard across layouts (torch.distributed.checkpoint). The models themselves never import torch.distributed.
+reshard across layouts (torch.distributed.checkpoint). ``from_pretrained_sharded(path, mesh)`` loads a released
+checkpoint with every rank reading only its own experts. The models themselves never import torch.distributed.
 """
 
 from switchformer.distributed.checkpoint import (
@@ -21,6 +22,7 @@ from switchformer.distributed.parallelize import (
     switch_layers,
     unwrap,
 )
+from switchformer.distributed.pretrained import from_pretrained_sharded
 
 __all__ = [
     "AllToAllDispatcher",
@@ -29,6 +31,7 @@ __all__ = [
     "clip_grad_norm_",
     "config_hash",
     "export_pretrained",
+    "from_pretrained_sharded",
     "load_distributed_checkpoint",
     "mesh_sizes",
     "parallel_state",
