@@ -5,6 +5,7 @@
     switchformer train configs/tiny_test.toml model.moe.num_experts=16
     switchformer train --resume runs/switch train.steps=1200
     switchformer compare                                 # also trains the FLOP-matched dense model; speed-up report
+    switchformer finetune runs/switch --task stdlib-name           # fine-tune a run (or a checkpoint, a Hub id)
     switchformer eval runs/switch
     switchformer generate runs/switch --prompt "def <extra_id_0>(self):"
     switchformer plot runs/switch runs/switch-dense --out plots/
@@ -76,7 +77,7 @@ def _resume_target(resume: bool | str, items: list[str]) -> tuple[Path | None, l
 
 def cmd_train(args: argparse.Namespace) -> int:
     from switchformer.runtime import tune_malloc_once
-    from switchformer.train.loop import train
+    from switchformer.train.launch import train_or_launch
 
     tune_malloc_once()  # as the first CPU Switch layer would; also for dense runs (opt out: switchformer.runtime)
 
@@ -94,10 +95,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not (run_dir / "config.toml").is_file():
                 raise RunError(f"{run_dir} is not a run directory (no config.toml); pass runs/<name>")
             cfg = apply_overrides(load_toml(run_dir / "config.toml"), overrides)
-        result = train(cfg, resume=True, run_dir=run_dir)
+        result = train_or_launch(cfg, args, resume=True, run_dir=run_dir)
     else:
         cfg = build_config(config, overrides, args.decoder_only)
-        result = train(cfg, run_dir=args.run_dir)
+        result = train_or_launch(cfg, args, run_dir=args.run_dir)
+    if result is None:  # --nproc launched the workers (rank 0 reported), or a rank other than 0
+        return 0
     ev = result.final_eval
     loss = ev.get("val_loss", float("nan"))
     print(f"done: {result.step} steps in {result.train_seconds:.0f}s of training; final val loss {loss:.4f} "
@@ -247,6 +250,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from switchformer.runtime import tune_malloc_once
+    from switchformer.train.finetune import finetune
+
+    tune_malloc_once()
+    items = list(args.overrides)
+    if args.resume:
+        run_dir, items = _resume_target(args.resume, items)
+        if run_dir is None or args.task is not None or any("=" not in it for it in items):
+            raise ConfigError("finetune --resume RUN_DIR continues a fine-tuning run with its own config.toml; give "
+                              "the run directory and only overrides (no SOURCE, no --task)")
+        result = finetune(overrides=items, resume=True, run_dir=run_dir)
+    else:
+        if not items or "=" in items[0]:
+            raise ConfigError("finetune needs SOURCE: a run directory, a transformers-format directory or a Hub id, "
+                              "e.g. switchformer finetune runs/switch --task stdlib-name")
+        if args.task is None:
+            raise ConfigError("finetune needs --task TASK: stdlib-name, stdlib-docstring, a .jsonl/.csv/.parquet "
+                              "file, a directory of train/validation/test files, or hf:NAME")
+        result = finetune(items[0], args.task, items[1:], run_dir=args.run_dir)
+    best = result.results.get("best") or {}
+    metric = result.results.get("metric", "")
+    print(f"done: best {metric} {best.get(metric, float('nan')):.2f} at step {best.get('step')}; results in "
+          f"{result.run_dir}/finetune_results.md, best weights in {result.run_dir}/best")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchformer", description="Switch Transformers: train, compare with dense, evaluate, generate, plot."
@@ -269,6 +299,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue exactly from the newest usable checkpoint (of RUN_DIR, or runs/<name>); "
                         "train.max_minutes applies to each invocation")
     p.add_argument("--run-dir", help="run directory (default runs/<name>, suffixed -2, -3... if taken)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N local processes (parallel.ep of them split the experts; train.batch_size is "
+                        "the global batch); see docs/distributed.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", parents=[common],
@@ -284,6 +317,24 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also train a dense model with K x wider FFNs (K >= 2; not FLOP-matched): how much extra "
                         "FFN parameters buy at this budget")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("finetune", parents=[common],
+                       help="fine-tune a pretrained model on a text-to-text task; score it with the task's metric",
+                       description="Fine-tune SOURCE (a run directory, a transformers-format directory or a Hub id) "
+                       "on TASK with the paper's fine-tuning settings (dropout 0.1, expert dropout 0.4, constant "
+                       "learning rate; paper §2.4, §4.1), evaluate by greedy decoding with the task's metric, keep "
+                       "the best checkpoint in RUN_DIR/best and write finetune_results.json/.md "
+                       "(docs/finetuning.md).")
+    p.add_argument("overrides", nargs="*", metavar="SOURCE [KEY=VALUE ...]",
+                   help="the pretrained model, then dotted overrides, e.g. train.steps=300 "
+                        "finetune.freeze_router=true model.moe.capacity_factor=2.0")
+    p.add_argument("--task", help="stdlib-name, stdlib-docstring, a .jsonl/.csv/.parquet file (fields "
+                   "finetune.input_field / finetune.target_field), a directory of train/validation/test files, a "
+                   "datasets directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue the fine-tuning run RUN_DIR exactly from its newest checkpoint")
+    p.add_argument("--run-dir", help="run directory (default runs/<source name>-<task>, suffixed -2, -3... if taken)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", parents=[common],
                        help="validation loss / neg log perplexity of a run's newest checkpoint")

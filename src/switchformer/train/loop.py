@@ -624,6 +624,8 @@ def train(
         if not layout.is_main:
             print_fn = _quiet
         return _train(cfg, layout, resume, run_dir, components, print_fn, trainer_cls)
+    except RuntimeError as e:
+        raise layout.explain_failure(e) from e
     finally:
         layout.close()
 

@@ -39,11 +39,15 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from switchformer import checkpoint as ck
 from switchformer.config import OptimConfig, RunConfig
-from switchformer.errors import CheckpointError, ConfigError
+from switchformer.errors import CheckpointError, ConfigError, RunError
 from switchformer.metrics import RouterStats
 from switchformer.train.optim import build_optimizer
 
 T = TypeVar("T")
+
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe",
+                  "NCCL", "gloo")
+"""Words of the errors a collective raises when a peer process is gone or stuck."""
 
 def distributed_requested() -> bool:
     """True under torchrun / ``--nproc`` (WORLD_SIZE > 1) or when a process group of several ranks exists."""
@@ -134,6 +138,10 @@ class SingleProcess:
         loaded = ck.load_latest(run_dir, model, optimizer)
         return loaded.path, loaded.step, loaded.state
 
+    def explain_failure(self, error: RuntimeError) -> Exception:
+        """The error to raise for ``error`` (on one process: itself)."""
+        return error
+
     def close(self) -> None:
         """Leave the process group (when this layout created it)."""
 
@@ -141,10 +149,11 @@ class SingleProcess:
 class DistributedRun(SingleProcess):
     """N processes on a ("dp", "ep") mesh (``switchformer train --nproc N``, torchrun)."""
 
-    def __init__(self, device: torch.device, ep: int, owns_group: bool) -> None:
+    def __init__(self, device: torch.device, ep: int, owns_group: bool, timeout_s: float) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         super().__init__(device)
+        self.timeout_s = timeout_s
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.ep = ep
@@ -174,8 +183,8 @@ class DistributedRun(SingleProcess):
             from switchformer.distributed import check_same_config
 
             check_same_config(dataclasses.asdict(cfg), what="the run config")
-            _check_layout(cfg, world)
-            return cls(device, pc.ep, owns)
+            check_layout(cfg, world)
+            return cls(device, pc.ep, owns, pc.timeout_s)
         except BaseException:
             if owns:
                 dist.destroy_process_group()
@@ -272,6 +281,16 @@ class DistributedRun(SingleProcess):
             raise CheckpointError(f"no checkpoint in {Path(run_dir) / ck.CHECKPOINTS_DIR}; train first")
         return _load_distributed(self, latest, model, optimizer, seed)
 
+    def explain_failure(self, error: RuntimeError) -> Exception:
+        """A collective that failed because a peer died or stalled becomes a one-line ``RunError``."""
+        text = str(error)
+        if not (isinstance(error, dist.DistError) or any(m in text for m in _PEER_FAILURES)):
+            return error
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+        return RunError(f"rank {self.rank}: a collective with the other processes failed ({first[:200]}); another "
+                        f"process died or stopped responding (parallel.timeout_s = {self.timeout_s:g}); its own "
+                        "error, if any, says why")
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -281,7 +300,7 @@ class DistributedRun(SingleProcess):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _check_layout(cfg: RunConfig, world: int) -> None:
+def check_layout(cfg: RunConfig, world: int) -> None:
     """One-line errors for layouts that cannot work, before anything is built."""
     ep, bs = cfg.parallel.ep, cfg.train.batch_size
     if world % ep:
