@@ -1,4 +1,4 @@
-"""Checkpoint interop: transformers' SwitchTransformers <-> switchformer (safetensors only, never pickle).
+"""Checkpoint interop: transformers' SwitchTransformers <-> switchformer (safetensors; pickles as tensors only).
 
 One concern per module (docs/checkpoints.md):
 

@@ -235,8 +235,9 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint directory: the shards its index names, or ``model.safetensors``.
 
     Raises:
-        CheckpointError: a bad index (see :func:`read_index`), or the directory holds only pickled weights (which
-            switchformer never unpickles: arbitrary code execution).
+        CheckpointError: a bad index (see :func:`read_index`), or the directory holds only pickled weights (this
+            lists safetensors only; :func:`switchformer.interop.hub.resolve_weights` also finds pickles, which it
+            reads with PyTorch's restricted unpickler).
         FileNotFoundError: no weights at all, or shards the index names are absent.
     """
     d = Path(directory)
@@ -252,8 +253,9 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     pickles = [n for n in PICKLE_NAMES if (d / n).exists()]
     if pickles:
         raise CheckpointError(
-            f"{d} holds only pickled weights ({', '.join(pickles)}); switchformer never unpickles checkpoints "
-            "(arbitrary code execution). Convert them to safetensors on a machine you trust, e.g. with "
+            f"{d} holds only pickled weights ({', '.join(pickles)}), no safetensors; load it with "
+            "switchformer.from_pretrained (which reads pickles with torch.load(weights_only=True), tensors only), or "
+            "convert them to safetensors on a machine you trust, e.g. with "
             "transformers: SwitchTransformersForConditionalGeneration.from_pretrained(DIR)"
             ".save_pretrained(NEW_DIR), or download the repo's model.safetensors"
         )
