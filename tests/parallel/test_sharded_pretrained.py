@@ -74,10 +74,25 @@ def _write_native(directory: Path) -> Path:
     return directory
 
 
+def _write_pickle(source: Path, directory: Path) -> Path:
+    """The same transformers checkpoint as one pickled ``pytorch_model.bin`` (zip format, as torch.save writes)."""
+    from safetensors.torch import load_file
+
+    directory.mkdir()
+    tensors = {}
+    for f in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    torch.save(tensors, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text((source / "config.json").read_text())
+    return directory
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded_pretrained")
-    return {"hf": str(_write_hf(root / "hf")), "native": str(_write_native(root / "native"))}
+    hf = _write_hf(root / "hf")
+    return {"hf": str(hf), "native": str(_write_native(root / "native")),
+            "pickle": str(_write_pickle(hf, root / "pickle"))}
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +374,13 @@ def test_transformers_checkpoint_matches_one_process(pool, checkpoints, names, s
                                                                       ((E_HF, 4096, 32), (E_HF // ep, 4096, 32))], r
         assert r["err"] <= 1e-5 * r["scale"] and r["scale"] > 0, r
         assert not r["training"] and r["source"] == checkpoints["hf"], r
+
+
+def test_pickled_checkpoint_matches_one_process(pool, checkpoints):
+    """pytorch_model.bin (read through torch.load(weights_only=True, mmap=True)): each rank copies its rows only."""
+    for r in pool.run(_parity, "hf", checkpoints["pickle"], ("dp", "ep"), (2, 2), "fsdp"):
+        assert r["experts_ok"] and r["dense_ok"] and r["expert_params"] == 6, r
+        assert r["err"] <= 1e-5 * r["scale"] and r["source"] == checkpoints["pickle"], r
 
 
 def test_native_checkpoint_float64_matches_one_process(pool, checkpoints):
