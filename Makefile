@@ -8,7 +8,7 @@ $(BIN)/.installed: pyproject.toml
 	# The package needs torch>=2.5. Prefer 2.13.0: on this project's machines pip takes that release's CPU wheel
 	# from local disk, where a bare range would pick a multi-GB CUDA build; elsewhere it is an ordinary release.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.5"
-	$(BIN)/pip install -q -e ".[dev,hf,train]"
+	$(BIN)/pip install -q -e ".[dev,hf,train,finetune]"
 	touch $@
 
 .PHONY: install train demo test lint bench
