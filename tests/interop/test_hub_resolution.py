@@ -267,3 +267,29 @@ def test_unreachable_hub_uses_the_cached_snapshot_or_says_how_to_download(files,
 
 def test_hub_api_is_the_real_client():
     assert isinstance(hub.hub_api(), HfApi)
+
+
+def test_conversion_pr_snapshot_serves_offline_by_its_revision(files, fake, tmp_path):
+    f, expected = files
+    fake.add_revision("main", _main(files, **{"pytorch_model.bin": f["pytorch_model.bin"]}))
+    fake.add_pr(3, _main(files, **{"pytorch_model.bin": f["pytorch_model.bin"],
+                                   "model.safetensors": f["model.safetensors"]}))
+    cache = tmp_path / "cache"
+    assert hub.resolve_weights(REPO, cache_dir=cache).revision == "refs/pr/3"
+    with pytest.raises(FileNotFoundError, match=r"pass that revision \(e\.g\. revision='refs/pr/3'"):
+        hub.resolve_weights(REPO, cache_dir=cache, local_files_only=True)  # main's snapshot: config, no weights
+    model = switchformer.from_pretrained(REPO, revision="refs/pr/3", cache_dir=cache, local_files_only=True)
+    assert model.weights_source.kind == "safetensors" and _same_weights(model, expected)
+
+
+def test_unreadable_discussions_fall_back_to_the_pickle(files, fake, tmp_path, monkeypatch):
+    f, expected = files
+    fake.add_revision("main", _main(files, **{"pytorch_model.bin": f["pytorch_model.bin"]}))
+
+    def disabled(*args, **kwargs):
+        raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden: discussions are disabled for this repo")
+
+    monkeypatch.setattr(fake, "get_repo_discussions", disabled)
+    fake.install(monkeypatch)
+    model = switchformer.from_pretrained(REPO, cache_dir=tmp_path / "cache")
+    assert model.weights_source.kind == "pickle" and _same_weights(model, expected)

@@ -213,7 +213,13 @@ def _resolve_hub(name: str, *, revision: str | None, cache_dir: str | os.PathLik
 
     def cached() -> ResolvedWeights:  # no listing offline: what the cache holds for the revision decides
         d = download(META_PATTERNS + SAFETENSORS_PATTERNS + PICKLE_PATTERNS, revision, offline=True)
-        kind, files = _local_weights(d)
+        try:
+            kind, files = _local_weights(d)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}. This is the cached snapshot of {name}@{revision or 'main'}; if its weights came from a "
+                "conversion pull request, pass that revision (e.g. revision='refs/pr/3', as logged when it was "
+                "downloaded)") from None
         return ResolvedWeights(d, kind, files, name, revision)
 
     if local_files_only:
@@ -235,10 +241,15 @@ def _resolve_hub(name: str, *, revision: str | None, cache_dir: str | os.PathLik
         raise CheckpointError(
             f"{name}@{revision or 'main'} has no PyTorch weights ({WEIGHTS_NAME}, {INDEX_NAME}, {PICKLE_WEIGHTS_NAME}"
             f" or {PICKLE_INDEX_NAME}); its files: {sorted(listing)[:20]}")
-    pr = call(find_conversion_pr, api, name, revision, pickles)
+    try:
+        pr = find_conversion_pr(api, name, revision, pickles)
+    except Exception as e:  # discussions disabled or unreadable: the pickle still serves
+        log.info("%s: could not look up safetensors conversion pull requests (%s: %s)", name, type(e).__name__, e)
+        pr = None
     if pr is not None:
         d = download(META_PATTERNS, revision)
-        w = download(SAFETENSORS_PATTERNS, pr)
+        # the PR's snapshot gets its config and tokenizer too, so that revision=PR works offline later
+        w = download(META_PATTERNS + SAFETENSORS_PATTERNS, pr)
         return ResolvedWeights(d, "conversion_pr", tuple(weight_files(w)), name, pr)
     d = download(META_PATTERNS + PICKLE_PATTERNS, revision)
     kind, files = _local_weights(d)
