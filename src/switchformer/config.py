@@ -428,7 +428,7 @@ class FinetuneConfig:
     task_corpus: str = "stdlib"
     """Python files the built-in tasks are made from ('stdlib', or paths as in data.corpus)."""
     max_bytes: int | None = None
-    """Cap on the bytes of task_corpus read for the built-in tasks (None: all of it)."""
+    """Cap on the bytes of task_corpus the built-in tasks use: whole files in path order (None: all of it)."""
     val_fraction: float = 0.05
     """Validation share of the built-in tasks, and of data that has no validation split (hash split)."""
     test_fraction: float = 0.05

@@ -285,9 +285,18 @@ def _python_files(cfg: FinetuneConfig) -> tuple[list[tuple[str, str]], str]:
     """(path, source) of the .py documents of ``cfg.task_corpus`` sorted by path, and their fingerprint."""
     from switchformer.data.sources import load_corpus
 
-    corpus = load_corpus(DataConfig(corpus=cfg.task_corpus, max_bytes=cfg.max_bytes, val_fraction=0.0))
+    corpus = load_corpus(DataConfig(corpus=cfg.task_corpus, val_fraction=0.0))
     files = sorted((n, t) for n, t in zip(corpus.train_names + corpus.val_names,
                                           corpus.train_texts + corpus.val_texts, strict=True) if n.endswith(".py"))
+    if cfg.max_bytes is not None:  # whole files in path order (a file cut in the middle would not parse)
+        kept, total = [], 0
+        for n, t in files:
+            size = len(t.encode("utf-8"))
+            if kept and total + size > cfg.max_bytes:
+                break
+            kept.append((n, t))
+            total += size
+        files = kept
     if not files:
         raise DataError(f"finetune.task_corpus {cfg.task_corpus!r} has no .py files; the built-in tasks are made "
                         "from Python source (use 'stdlib' or a directory of .py files)")
