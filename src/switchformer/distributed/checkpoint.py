@@ -128,7 +128,10 @@ def _layout(model: nn.Module, world: int) -> dict:
     state = parallel_state(model)
     if state is None:
         return {"dp": world, "ep": 1, "dense": "none" if world == 1 else "unknown"}
-    return {"dp": state.dp, "ep": state.ep, "dense": state.dense}
+    layout = {"dp": state.dp, "ep": state.ep, "dense": state.dense}
+    if getattr(state, "tp", 1) > 1:
+        layout["tp"] = state.tp
+    return layout
 
 
 def _check_experts_global(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
