@@ -335,7 +335,8 @@ def _hub_id_resolves_like_one_process(path: str):
 
 
 def _errors(path: str):
-    """Clear errors: a mesh with other names, a process group missing, pre-sharded experts with another layout."""
+    """Clear errors: a mesh with other names, device= with a mesh, one rank failing to read, pre-sharded experts
+    with another layout."""
     from torch.distributed.tensor import DTensor, Replicate
 
     import switchformer
@@ -352,6 +353,10 @@ def _errors(path: str):
     except TypeError as e:
         out["device"] = str(e)
     mesh = _mesh(("ep",), (WORLD,))
+    try:  # one rank cannot read the checkpoint: it raises its error, the others name it instead of hanging
+        switchformer.from_pretrained(path if dist.get_rank() != 1 else path + "-missing", mesh=mesh)
+    except Exception as e:  # noqa: BLE001
+        out["one_rank"] = f"{type(e).__name__}: {e}"
     layer = SwitchFFN(8, 16, 4)
     layer.experts.w_in = torch.nn.Parameter(DTensor.from_local(layer.experts.w_in.detach(), mesh, [Replicate()]))
     try:
@@ -434,7 +439,11 @@ def test_hub_id_downloads_what_one_process_downloads(pool, checkpoints):
 
 
 def test_clear_errors(pool, checkpoints):
-    for r in pool.run(_errors, checkpoints["native"]):
+    results = pool.run(_errors, checkpoints["native"])
+    assert results[1]["one_rank"].startswith("FileNotFoundError") and "-missing" in results[1]["one_rank"]
+    for r in results[:1] + results[2:]:
+        assert r["one_rank"].startswith("CheckpointError: rank(s) [1] failed"), r
+    for r in results:
         assert "ConfigError" in r["names"] and "mesh_dim_names" in r["names"], r
         assert "device" in r["device"] and "mesh" in r["device"], r
         assert "ConfigError" in r["placements"] and "Shard(dim=0)" in r["placements"], r

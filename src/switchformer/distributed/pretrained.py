@@ -193,50 +193,10 @@ def _read_native(reader: _RowReader, weights, cfg: ModelConfig, mesh: DeviceMesh
     return dense, experts
 
 
-def from_pretrained_sharded(
-    path_or_id: str | os.PathLike | ResolvedWeights,
-    mesh: DeviceMesh,
-    *,
-    dense: Literal["fsdp", "ddp", "none"] = "fsdp",
-    dtype: torch.dtype | str | None = None,
-    check_configs: bool = True,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> nn.Module:
-    """Load a checkpoint across the ranks of ``mesh``, each reading only its own experts, and parallelize it.
-
-    Call it on every rank (under torchrun, after ``init_device_mesh``). The checkpoints, their checks and the Hub
-    resolution are those of :func:`switchformer.interop.from_pretrained` (transformers SwitchTransformers and T5,
-    and switchformer's native format); the result is what ``parallelize(from_pretrained(path), mesh, dense=dense)``
-    returns, without any rank ever holding another rank's experts.
-
-    Args:
-        path_or_id: a local checkpoint directory, a Hub repo id (every rank resolves it as one process would;
-            huggingface_hub's file locks let ranks that share a cache download each file once), or a
-            ``ResolvedWeights``.
-        mesh: the DeviceMesh (("dp", "ep"), 1-D "ep" or "dp", or ("dp", "ep", "tp")); the tensors go to its device
-            (``torch.cuda.current_device()`` on GPUs).
-        dense: data parallelism of the non-expert weights, as in :func:`~switchformer.distributed.parallelize`.
-        dtype: parameter dtype (default: as stored).
-        check_configs: compare the layer configs and the layout across ranks first (see ``parallelize``).
-        revision, cache_dir, local_files_only: Hub options, as for ``from_pretrained``.
-
-    Returns:
-        The parallelized model (a ``DistributedDataParallel`` wrapper with ``dense="ddp"``), in eval mode; its
-        ``weights_source`` tells which files were read.
-
-    Raises:
-        CheckpointError: the checks of ``from_pretrained`` (a bad config.json or shard index, missing / unexpected /
-            mis-shaped keys).
-        ConfigError: a mesh ``parallelize`` does not take, or experts that do not split evenly over "ep".
-        FileNotFoundError: no such directory, no weights, or the Hub is unreachable.
-    """
-    dt = None if dtype is None else parse_dtype(dtype, name="dtype")
-    if not dist.is_initialized():
-        raise RuntimeError("from_pretrained with a mesh needs a process group: run under torchrun (or `switchformer "
-                           "train --nproc N`) and create the mesh with init_device_mesh first")
-    mesh_sizes(mesh)  # the mesh's names and size, before any file is touched
+def _load_local(path_or_id, mesh: DeviceMesh, dt: torch.dtype | None, *, revision, cache_dir,
+                local_files_only: bool) -> tuple[ResolvedWeights, nn.Module]:
+    """This rank's part: resolve, check, read the dense weights and its experts, and fill the meta model (no
+    collective: a failure here is this rank's alone)."""
     resolved = path_or_id if isinstance(path_or_id, ResolvedWeights) else resolve_weights(
         path_or_id, revision, cache_dir, local_files_only=local_files_only)
     d = resolved.directory
@@ -245,7 +205,7 @@ def from_pretrained_sharded(
     if resolved.kind == "pickle" and not all(zipfile.is_zipfile(f) for f in resolved.files):
         warnings.warn(f"{resolved.describe()}: legacy (non-zip) pickles cannot be memory-mapped, so every rank reads "
                       "them whole; convert the checkpoint to safetensors to load only each rank's experts",
-                      stacklevel=2)
+                      stacklevel=3)
     weights = open_weights(resolved, rename=canonical_key)  # headers (safetensors) or maps (pickles): no data yet
     marker = raw.get(MARKER) if isinstance(raw.get(MARKER), Mapping) else {}
     native = marker.get("format") == "native"
@@ -292,6 +252,74 @@ def from_pretrained_sharded(
     if left:
         raise CheckpointError(f"{d}: no value for {left[:20]} after loading; re-save the checkpoint with this "
                               "switchformer version")
+    return resolved, model
+
+
+def _raise_if_any_rank_failed(error: Exception | None, mesh: DeviceMesh) -> None:
+    """One all-reduce of who failed: the failing rank raises its error, the others a CheckpointError naming it
+    (instead of waiting in the next collective until the process group's timeout)."""
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=_mesh_device(mesh))
+    failed[dist.get_rank()] = int(error is not None)
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    ranks = failed.nonzero().flatten().tolist()
+    if ranks:
+        raise CheckpointError(f"rank(s) {ranks} failed to load the checkpoint (their error says why); every rank "
+                              "must see the same checkpoint files")
+
+
+def from_pretrained_sharded(
+    path_or_id: str | os.PathLike | ResolvedWeights,
+    mesh: DeviceMesh,
+    *,
+    dense: Literal["fsdp", "ddp", "none"] = "fsdp",
+    dtype: torch.dtype | str | None = None,
+    check_configs: bool = True,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> nn.Module:
+    """Load a checkpoint across the ranks of ``mesh``, each reading only its own experts, and parallelize it.
+
+    Call it on every rank (under torchrun, after ``init_device_mesh``). The checkpoints, their checks and the Hub
+    resolution are those of :func:`switchformer.interop.from_pretrained` (transformers SwitchTransformers and T5,
+    and switchformer's native format); the result is what ``parallelize(from_pretrained(path), mesh, dense=dense)``
+    returns, without any rank ever holding another rank's experts.
+
+    Args:
+        path_or_id: a local checkpoint directory, a Hub repo id (every rank resolves it as one process would;
+            huggingface_hub's file locks let ranks that share a cache download each file once), or a
+            ``ResolvedWeights``.
+        mesh: the DeviceMesh (("dp", "ep"), 1-D "ep" or "dp", or ("dp", "ep", "tp")); the tensors go to its device
+            (``torch.cuda.current_device()`` on GPUs).
+        dense: data parallelism of the non-expert weights, as in :func:`~switchformer.distributed.parallelize`.
+        dtype: parameter dtype (default: as stored).
+        check_configs: compare the layer configs and the layout across ranks first (see ``parallelize``).
+        revision, cache_dir, local_files_only: Hub options, as for ``from_pretrained``.
+
+    Returns:
+        The parallelized model (a ``DistributedDataParallel`` wrapper with ``dense="ddp"``), in eval mode; its
+        ``weights_source`` tells which files were read.
+
+    Raises:
+        CheckpointError: the checks of ``from_pretrained`` (a bad config.json or shard index, missing / unexpected /
+            mis-shaped keys).
+        ConfigError: a mesh ``parallelize`` does not take, or experts that do not split evenly over "ep".
+        FileNotFoundError: no such directory, no weights, or the Hub is unreachable.
+    """
+    dt = None if dtype is None else parse_dtype(dtype, name="dtype")
+    if not dist.is_initialized():
+        raise RuntimeError("from_pretrained with a mesh needs a process group: run under torchrun (or `switchformer "
+                           "train --nproc N`) and create the mesh with init_device_mesh first")
+    mesh_sizes(mesh)  # the mesh's names and size, before any file is touched
+    error: Exception | None = None
+    try:
+        resolved, model = _load_local(path_or_id, mesh, dt, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only)
+    except Exception as e:  # raised below, once every rank knows: a lone failure must not leave the others waiting
+        error = e
+    _raise_if_any_rank_failed(error, mesh)
     model.eval()
     out = parallelize(model, mesh, dense=dense, check_configs=check_configs)
     unwrap(out).weights_source = resolved
