@@ -102,7 +102,7 @@ def plot_experiment(record: dict, out_png: Path) -> Path:
 
 
 def _paper_block(exp: Experiment) -> list[str]:
-    lines = [f"**The paper** ({exp.source}):", "", "| | paper |", "|---|---|"]
+    lines = [f"**The paper**, {exp.source}:", "", "| | paper |", "|---|---|"]
     lines += [f"| {row} | {value} |" for row, value in exp.paper_rows]
     if exp.paper_note:
         lines += ["", exp.paper_note]
@@ -181,7 +181,9 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
         lines.append(f"| {s['label']} | {len(s['seeds'])} | {s['mean']:.3f}{spread} | {s['diverged']} | "
                      + " | ".join(cells) + " |")
     sigma = judged["sigma"]
-    lines += ["", f"Seed noise σ = {_f(sigma, 4)} nats ({judged['sigma_source']}; floor 0.005). A claim is HELD when "
+    shown = f"{sigma:.4f} nats ({judged['sigma_source']}; floor 0.005)" if sigma is not None else \
+        f"0.005 nats ({judged['sigma_source']})"
+    lines += ["", f"Seed noise σ = {shown}. A claim is HELD when "
               "the paired gap Δ exceeds max(2σ·√(2/n), 0.005) with every seed agreeing (and p < 0.05 in a one-sided "
               "paired t-test from 3 seeds); a sweep needs Spearman ρ ≥ 0.8 and an endpoint gap ≥ 3σ.", "",
               "| registered direction | paper | ours: Δ (nats) | margin | n | p / ρ | Δ/Δ_SD (paper) | verdict |",

@@ -141,6 +141,8 @@ def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _Da
     if run_dir.exists() and ((run_dir / "metrics.jsonl").exists() or (run_dir / "config.toml").exists()):
         shutil.rmtree(run_dir)  # an unfinished or outdated run of this arm restarts from scratch
 
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     corpus, tok, val_batches, summary = data.get(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=round_vocab(tok.vocab_size))
@@ -441,5 +443,5 @@ def run_suite(
     print_fn(f"reproduce: ran {', '.join(ran) or 'nothing'}" + (f"; skipped {', '.join(skipped)} ({MISSING})"
                                                                if skipped else ""))
     if quick and ran:
-        print_fn(f"these are {SMOKE_LABEL}s")
+        print_fn("--quick runs are smoke tests of the pipeline, not results")
     return results

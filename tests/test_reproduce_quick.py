@@ -1,0 +1,196 @@
+"""``switchformer reproduce --quick`` end to end through the CLI (a smoke test of the pipeline: training, JSON,
+figure, markdown, verdicts), the registry's invariants, and the bfloat16 emulation against torch's own rounding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from switchformer.cli import main
+from switchformer.config import ModelConfig, MoEConfig
+from switchformer.reproduce import EXPERIMENTS, MISSING, SMOKE_LABEL, base_config
+from switchformer.reproduce.precision import emulate_precision, round_bf16
+from switchformer.reproduce.runner import arm_config
+
+VERDICTS = {"HELD", "NOT RESOLVED", "REVERSED"}
+
+
+def _check_outputs(out, name):
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["quick"] and record["label"] == SMOKE_LABEL
+    exp = EXPERIMENTS[name]
+    assert {r["arm"] for r in record["runs"]} == {a.name for a in exp.arms}
+    for run in record["runs"]:
+        steps = [e["step"] for e in run["evals"]]
+        assert steps[0] == 0 and steps[-1] == run["steps_done"]  # evaluated untrained, then through the end
+        assert run["config"]["train"]["seed"] == run["seed"] == 0
+    assert [c["text"] for c in record["judged"]["claims"]] == [c.text for c in exp.claims]
+    assert all(c["verdict"] in VERDICTS for c in record["judged"]["claims"])
+    png = (out / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (out / f"{name}.md").read_text()
+    assert "Smoke test, not a result" in md and exp.source in md
+    assert all(row in md for row, _ in exp.paper_rows)
+    return record
+
+
+def test_quick_fig12_and_table2_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["reproduce", "fig12", "table2", "--quick", "--out", str(out)]) == 0
+    fig12 = _check_outputs(out, "fig12")
+    table2 = _check_outputs(out, "table2")
+    # the arms of one seed share the data order and the evaluation batches: the untrained dense and Switch
+    # models differ, but each arm's step-0 evaluation saw the same targets (same token count)
+    tokens = {r["evals"][0].get("tokens_seen") for r in fig12["runs"]}
+    assert tokens == {0}
+    assert {r["precision"] for r in table2["runs"]} == {"float32", "bfloat16", "selective"}
+    collected = (out / "reproduction.md").read_text()
+    assert "not run yet" in collected and "smoke test, not a result" in collected
+    assert "smoke tests of the pipeline, not results" in capsys.readouterr().out
+
+
+def test_quick_results_never_reach_the_docs(tmp_path, monkeypatch):
+    from switchformer.reproduce.report import BEGIN, END
+
+    monkeypatch.chdir(tmp_path)
+    docs = tmp_path / "docs" / "reproduction.md"
+    docs.parent.mkdir()
+    docs.write_text(f"# header\n{BEGIN}\nold\n{END}\n")
+    assert main(["reproduce", "table3", "--quick", "--out", "docs/reproduction"]) == 0
+    assert docs.read_text() == f"# header\n{BEGIN}\nold\n{END}\n"
+    assert json.loads((tmp_path / "docs" / "reproduction" / "table3.json").read_text())["quick"]
+    # a full-run record in the same folder regenerates the docs region from the JSON files (quick ones ignored)
+    from switchformer.reproduce.report import update_docs
+
+    update_docs(docs, tmp_path / "docs" / "reproduction")
+    text = docs.read_text()
+    assert text.startswith("# header\n") and "\nold\n" not in text and text.count("not run yet") >= 8
+
+
+def test_quick_runs_are_reused_and_skips_say_why(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["reproduce", "ntlb", "table4", "table6", "--quick", "--out", str(out)]) == 0
+    first = json.loads((out / "ntlb.json").read_text())
+    text = capsys.readouterr().out
+    assert text.count(MISSING) >= 2 and "table4" in text and "table6" in text
+    assert not (out / "table4.json").exists() and not (out / "table6.json").exists()
+    # NTLB's mechanism: re-routing keeps fewer tokens from being dropped in training than plain dropping
+    arms = first["judged"]["arms"]
+    assert arms["ntlb_cf0.75"]["train_drop_fraction"] < arms["plain_cf0.75"]["train_drop_fraction"]
+    assert main(["reproduce", "ntlb", "--quick", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == len(first["runs"])
+    again = json.loads((out / "ntlb.json").read_text())
+    assert [r["quality"] for r in again["runs"]] == [r["quality"] for r in first["runs"]]
+
+
+def test_cli_list_and_bad_names(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in EXPERIMENTS) and MISSING in listed
+    assert main(["reproduce", "table99"]) == 2
+    assert "unknown experiment 'table99'" in capsys.readouterr().err
+    assert main(["reproduce"]) == 2
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_registry_arms_differ_only_in_the_factor():
+    from switchformer.config import to_dict
+
+    order = ["fig12", "fig4", "table1", "table11", "table3", "table2", "ntlb", "table10", "table4", "table6"]
+    assert list(EXPERIMENTS) == order
+    base = _flat(to_dict(base_config()))
+    for exp in EXPERIMENTS.values():
+        names = [a.name for a in exp.arms]
+        assert len(set(names)) == len(names)
+        for c in exp.claims:
+            assert set(c.arms) <= set(names), (exp.name, c.text)
+        if exp.requires:
+            continue
+        for arm in exp.arms:
+            cfg = arm_config(exp, arm.name, seed=1, quick=False)
+            assert cfg.train.steps == exp.steps and cfg.train.seed == cfg.data.seed == 1
+            allowed = {o.split("=")[0] for o in (*exp.overrides, *arm.overrides)}
+            allowed |= {"train.steps", "train.seed", "data.seed", "name"}
+            changed = {k for k, v in _flat(to_dict(cfg)).items() if base[k] != v}
+            assert changed <= allowed, (exp.name, arm.name, changed - allowed)
+
+
+@pytest.fixture
+def tiny_model():
+    from switchformer.models import build_model
+
+    cfg = ModelConfig(vocab_size=256, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2, num_decoder_layers=2,
+                      dropout_rate=0.0, moe=MoEConfig(num_experts=4))
+    model = build_model(cfg).eval()
+    ids, lab = torch.randint(3, 200, (2, 16)), torch.randint(3, 200, (2, 5))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=lab, decoder_input_ids=lab,
+                 decoder_attention_mask=torch.ones_like(lab))
+    return model, batch
+
+
+def _router_outputs(model, batch):
+    from switchformer.moe.router import Router
+
+    seen = []
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o)) for m in routers]
+    out = model(**batch)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def _is_bf16(t):
+    return bool((t.to(torch.bfloat16).to(torch.float32) == t).all())
+
+
+def test_bfloat16_emulation_rounds_where_a_tpu_would(tiny_model):
+    model, batch = tiny_model
+    ref = model(**batch).logits
+    em = emulate_precision(model, "float32")
+    assert torch.equal(model(**batch).logits, ref)  # float32 installs nothing
+    em.remove()
+
+    em = emulate_precision(model, "bfloat16")
+    out, routers = _router_outputs(model, batch)
+    em.remove()
+    assert _is_bf16(out.logits) and not torch.equal(out.logits, ref)
+    assert all(_is_bf16(r.logits_TE) and _is_bf16(r.probs_TE) for r in routers)  # the router rounds too
+
+    em = emulate_precision(model, "selective")
+    out, routers = _router_outputs(model, batch)
+    em.remove()
+    assert _is_bf16(out.logits)
+    assert not any(_is_bf16(r.probs_TE) for r in routers)  # the router stays float32
+    assert torch.equal(model(**batch).logits, ref)  # remove() restores the model exactly
+
+
+def test_emulated_linear_equals_rounded_inputs_and_output():
+    from switchformer.reproduce.precision import Bfloat16Rounding
+
+    x, w = torch.randn(5, 7), torch.randn(3, 7)
+    with Bfloat16Rounding(round_router=True):
+        y = torch.nn.functional.linear(x, w)
+    want = round_bf16(round_bf16(x) @ round_bf16(w).t())
+    assert torch.equal(y, want)
+    assert torch.equal(round_bf16(torch.tensor([1.0 + 2 ** -9])), torch.tensor([1.0]))  # 8-bit mantissa
+
+
+@pytest.mark.slow
+def test_all_quick(tmp_path):
+    """Every experiment's smoke test (about 2 minutes on a busy 2-core machine)."""
+    out = tmp_path / "all"
+    assert main(["reproduce", "all", "--quick", "--out", str(out)]) == 0
+    for name, exp in EXPERIMENTS.items():
+        if exp.requires:
+            assert not (out / f"{name}.json").exists()
+        else:
+            _check_outputs(out, name)
