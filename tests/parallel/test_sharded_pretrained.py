@@ -218,14 +218,30 @@ def _peak_memory(path: str):
     rows = _local_rows(mesh, E_HF)
     dense = sum(b for k, (_, b) in header.items() if _expert_index(k) is None)
     mine = sum(b for k, (_, b) in header.items() if _expert_index(k) in range(rows.start, rows.stop))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+        ok = True
+    except OSError:  # not Linux, or not allowed here: no measurement
+        ok = False
+    ok = all(_gather_flags(ok))  # every rank loads below either way (the loading has collectives)
     dist.barrier()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _status_bytes("VmRSS")
+    if ok:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes("VmRSS")
     model = switchformer.from_pretrained(path, mesh=mesh)
-    peak = _status_bytes("VmHWM") - before
+    if ok:
+        peak = _status_bytes("VmHWM") - before
     del model
+    if not ok:
+        return None
     return {"peak": peak, "dense": dense, "mine": mine, "largest": max(b for _, b in header.values()),
             "total": sum(b for _, b in header.values())}
+
+
+def _gather_flags(flag: bool) -> list[bool]:
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, flag)
+    return every
 
 
 def _reads(kind: str, path: str, names, shape):
@@ -425,6 +441,8 @@ def test_each_rank_reads_only_its_experts(pool, checkpoints, kind, names, shape)
 
 
 def test_peak_memory_is_dense_plus_own_experts(pool):
+    if None in pool.first_load_memory:
+        pytest.skip("the peak resident memory cannot be reset here (/proc/self/clear_refs)")
     for r in pool.first_load_memory:
         bound = r["dense"] + r["mine"] + r["largest"] + MEMORY_MARGIN_BYTES
         assert r["mine"] * 4 == r["total"] - r["dense"], r  # the checkpoint: dense + 4 ranks' experts
