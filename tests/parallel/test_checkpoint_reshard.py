@@ -149,6 +149,33 @@ def _save_with_crash(run_dir: str) -> str:
     return "no error"
 
 
+class _LocalStateSGD(torch.optim.Optimizer):
+    """Keeps a plain per-rank copy of each parameter's local shard as state: what DCP would store once for all."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                self.state[p]["copy"] = local.detach().clone()
+
+
+def _save_local_state(run_dir: str) -> str:
+    from switchformer.distributed import save_distributed_checkpoint
+    from switchformer.errors import CheckpointError
+
+    model, _ = _build("adamw", (2,))
+    optimizer = _LocalStateSGD(model.parameters())
+    optimizer.step()
+    try:
+        save_distributed_checkpoint(run_dir, 1, model, optimizer, {}, _config_toml("adamw"), keep=1)
+    except CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def pools():
@@ -300,3 +327,16 @@ def test_export_from_ep2_loads_with_from_pretrained(saved, tmp_path):
         theirs = hf(input_ids=batch["input_ids"], labels=batch["labels"]).logits
     assert sum(int(r.dropped_tokens) for r in out.router) == 0
     torch.testing.assert_close(out.logits, theirs, atol=1e-5, rtol=1.3e-6)
+
+
+def test_plain_per_rank_expert_state_is_refused(pools, tmp_path):
+    """Saved as plain tensors, rank 1's expert state would be dropped for rank 0's under the same name."""
+    errors = pools[2].run(_save_local_state, str(tmp_path))
+    assert all("plain per-rank tensors" in e and ".experts." in e for e in errors), errors
+    assert not (tmp_path / ck.CHECKPOINTS_DIR).exists()  # refused before anything was written
+
+
+def test_another_optimizer_is_refused(saved):
+    model, optimizer = _build("adafactor")
+    with pytest.raises(ck.CheckpointError, match="optimizer state the checkpoint lacks"):
+        ck.load_latest(saved["root"] / "ep2", model, optimizer)

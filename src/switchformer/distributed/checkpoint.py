@@ -222,9 +222,9 @@ def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, model: nn
     rank, world = _rank_world()
     run_dir = Path(run_dir)
     inner = unwrap(model)
-    tmp = Path(_on_rank0(lambda: _prepare_tmp(run_dir / ck.CHECKPOINTS_DIR, step), "creating the checkpoint folder"))
     tensors, opt_meta, _, _ = ck.dcp_state(inner, optimizer)
-    _check_experts_global(inner, tensors)
+    _check_experts_global(inner, tensors)  # the same verdict on every rank, before anything is written
+    tmp = Path(_on_rank0(lambda: _prepare_tmp(run_dir / ck.CHECKPOINTS_DIR, step), "creating the checkpoint folder"))
     writer = dcp.FileSystemWriter(str(tmp / ck.DCP_DIR), single_file_per_rank=True, sync_files=True)
     try:
         with warnings.catch_warnings():  # one process without a process group is a supported layout
