@@ -373,8 +373,12 @@ def plan_layout(cfg: ModelConfig, layout: Layout, hw: Hardware, work: Workload) 
     dense_opt = sum(g.adafactor_elements / (tp if g.kind == "tp" else 1) for g in groups if g.kind != "expert")
     if work.optimizer == "adamw":
         expert_opt, dense_opt = 2 * expert_local, 2 * dense_local
-    matmul_weights = expert_local + sum(g.numel / (tp if g.kind == "tp" else 1) for g in groups
-                                        if g.kind == "tp" or g.name in ("embedding", "lm_head"))
+    if ep == 1:  # unsharded experts are ordinary parameters: data-parallel with the dense ones (FSDP or DDP)
+        dense_local, dense_opt = dense_local + expert_local, dense_opt + expert_opt
+        expert_local = expert_opt = 0.0
+    expert_weights = sum(g.numel for g in groups if g.kind == "expert") / (ep * tp)
+    matmul_weights = expert_weights + sum(g.numel / (tp if g.kind == "tp" else 1) for g in groups
+                                          if g.kind == "tp" or g.name in ("embedding", "lm_head"))
     autocast_copies = matmul_weights * 2 if work.precision == "bfloat16" else 0.0
     if work.dense == "fsdp" and n > 1:
         # one FSDP unit: the gathered weights and unreduced gradients exist during the step, plus the shards
@@ -432,7 +436,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, hw: Hardware, work: Workload) 
     grad_reduce_s = (dense_reduce + expert_reduce) / hw.link_bandwidth
     tp_s = tp_bytes / hw.link_bandwidth
     expert_tensors = sum(g.count for g in groups if g.kind == "expert")
-    calls = ((a2a_calls if exchanged else 0) + (2 if n > 1 else 0) + (expert_tensors if dp > 1 else 0)
+    calls = ((a2a_calls if exchanged else 0) + (2 if n > 1 else 0) + (expert_tensors if dp > 1 and ep > 1 else 0)
              + (4 * sum(layers * (3 if cross else 2) for _, layers, _, cross in _stack_blocks(cfg)) if tp > 1 else 0))
     latency_s = calls * hw.link_latency
     step_s = compute_s + alltoall_s + grad_reduce_s + tp_s + latency_s
