@@ -144,3 +144,31 @@ def test_resume_at_another_layout_continues_the_same_run(pool2, reference, out_d
     pool2.run(_rank_train, _cfg(out_dir, "parallel.ep=2", "train.steps=10"), run_dir)
     weights = pool2.run(_rank_train, _cfg(out_dir, "parallel.ep=1"), run_dir, True)[0]
     _compare(reference, 2, run_dir, weights)
+
+
+def _nan_expert_run(cfg, run_dir):
+    """Train with the experts of layer 1 set to NaN on every rank; return the error message (or None)."""
+    from switchformer.train.loop import NonFiniteLossError, build_components, train
+
+    comp = build_components(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        comp.model.decoder.block[1].layer[1].mlp.experts.w_out.fill_(float("nan"))
+    try:
+        train(cfg, run_dir=run_dir, components=comp, print_fn=lambda text: None)
+    except NonFiniteLossError as e:
+        return str(e)
+    return None
+
+
+def test_nonfinite_loss_stops_every_rank_naming_the_module(pool2, out_dir):
+    """The non-finite decision is collective: both ranks stop at step 1 (no rank left waiting in a collective),
+    naming the first rank's first non-finite module; with skip_nonfinite both skip and finish."""
+    cfg = _cfg(out_dir, "parallel.ep=2", "train.steps=2")
+    messages = pool2.run(_nan_expert_run, cfg, out_dir / "nan")
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("non-finite loss at step 1: first non-finite output in rank 0: "), messages[0]
+    assert "mlp" in messages[0]
+    skipped = pool2.run(_nan_expert_run, _cfg(out_dir, "parallel.ep=2", "train.steps=2",
+                                              "train.skip_nonfinite=true"), out_dir / "nan-skip")
+    assert skipped == [None, None]
+    assert [r["step"] for r in _records(out_dir / "nan-skip", "skip")] == [1, 2]
