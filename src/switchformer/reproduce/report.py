@@ -157,10 +157,14 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
               f"Command: `{_command(exp.name, record.get('quick', False))}`. Factor under test: {exp.factor}.", ""]
     lines += _paper_block(exp) + [""]
     arms = judged["arms"]
-    extra = [k for k in ("train_drop_fraction", "tokens_per_s", "max_abs_router_logit", "step_speedup")
-             if any(s.get(k) is not None for s in arms.values())]
+    for s in arms.values():  # training FLOPs (model FLOPs x3, top-k experts counted) to the reference quality
+        if s.get("steps_to_reference") and s.get("train_flops_per_step"):
+            s["tflops_to_reference"] = s["steps_to_reference"] * s["train_flops_per_step"] / 1e12
+    extra = [k for k in ("train_drop_fraction", "tokens_per_s", "max_abs_router_logit", "step_speedup",
+                         "tflops_to_reference") if any(s.get(k) is not None for s in arms.values())]
     head = {"train_drop_fraction": "dropped (train)", "tokens_per_s": "tokens/s", "max_abs_router_logit":
-            "max abs router logit", "step_speedup": f"step speedup to {exp.reference[1] if exp.reference else ''}"}
+            "max abs router logit", "step_speedup": f"step speedup to {exp.reference[1] if exp.reference else ''}",
+            "tflops_to_reference": "training TFLOPs to reach it"}
     lines += [f"**Ours** (neg. log perplexity after {record['steps']} steps; mean ± std over seeds; a diverged run "
               "keeps its untrained quality):", "",
               "| arm | seeds | quality | diverged | " + " | ".join(head[k] for k in extra) + " |",
@@ -175,6 +179,8 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
                 cells.append("–" if v is None else f"{v:.0f}")
             elif k == "step_speedup":
                 cells.append("–" if v is None else f"{v:.2f}x")
+            elif k == "tflops_to_reference":
+                cells.append("–" if v is None else f"{v:.3g}")
             else:
                 cells.append(_f(v, 2))
         spread = f" ± {s['std']:.3f}" if len(s["qualities"]) > 1 else ""
@@ -202,6 +208,12 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
                 ratio += f" ({c['paper_delta_over_delta_sd']:.2f})"
         lines.append(f"| {c['text']} | {c['paper']} | {_f(j.get('delta'), 4, signed=True)} | "
                      f"{_f(j.get('margin'), 4)} | {j.get('n', '–')} | {stat} | {ratio} | **{c['verdict']}** |")
+    for c in exp.claims:
+        if c.kind == "sweep" and all(a in arms for a in c.arms):
+            best = max(c.arms, key=lambda a: arms[a]["mean"])
+            lines += ["", f"Along {' → '.join(c.arms)}, the best mean quality is {arms[best]['label']} "
+                      f"({arms[best]['mean']:.3f})" + (": the sweep saturates before its end." if best != c.arms[-1]
+                                                       else ".")]
     if judged.get("delta_sd") is not None:
         lines += ["", f"Δ_SD (the Switch-vs-dense gap the ratios use) = {judged['delta_sd']:+.4f} nats "
                   f"({judged['delta_sd_source']})."]
