@@ -57,7 +57,12 @@ def _build(optim: str, mesh_shape=None, dense="fsdp"):
 
         names = ("dp", "ep") if len(mesh_shape) == 2 else ("ep",)
         model = parallelize(model, init_device_mesh("cpu", mesh_shape, mesh_dim_names=names), dense=dense)
-    return model, build_optimizer(model, _optim_config(optim))
+    optimizer = build_optimizer(model, _optim_config(optim))
+    if mesh_shape is not None and optim == "adafactor":  # as the distributed Trainer builds it
+        from switchformer.train.parallel import ShardedAdafactor
+
+        optimizer = ShardedAdafactor([dict(g) for g in optimizer.param_groups])
+    return model, optimizer
 
 
 def _global_state(model, optimizer) -> dict:
@@ -241,16 +246,18 @@ def test_reshards_bitwise(pools, saved, source, mesh_shape, dense):
 
 
 def test_adafactor_state_reshards(pools, tmp_path):
-    """Adafactor (with DDP dense weights: FSDP2-sharded rows break its factored statistics on DTensors) keeps
-    per-expert row and column statistics [E, F, 1] / [E, 1, D]; ep=2 -> one process -> ep=4."""
-    ref = pools[2].run(_train_and_save, str(tmp_path), (2,), "ddp", "adafactor")[0]
+    """The distributed Trainer's Adafactor (statistics placed like their parameters) at ep=2 -> torch's Adafactor in
+    one process -> ep=4 and dp=2 x ep=2 (DDP). Its factored statistics are per expert: [E, F, 1] and [E, 1, D]."""
+    ref = pools[2].run(_train_and_save, str(tmp_path), (2,), "fsdp", "adafactor")[0]
     assert any(k.endswith("experts.w_in.row_var") and v.shape[0] == EXPERTS for k, v in ref["optim"].items())
     model, optimizer = _build("adafactor")
+    assert type(optimizer) is torch.optim.Adafactor
     ck.load_latest(tmp_path, model, optimizer, restore_rng=False)
     _assert_same(_global_state(model, optimizer), ref, "adafactor ep=2 -> one process")
-    got = pools[4].run(_load_and_report, str(tmp_path), (4,), "ddp", "adafactor")[0]
-    got.pop("step")
-    _assert_same(got, ref, "adafactor ep=2 -> ep=4")
+    for mesh_shape, dense in (((4,), "fsdp"), ((2, 2), "ddp")):
+        got = pools[4].run(_load_and_report, str(tmp_path), mesh_shape, dense, "adafactor")[0]
+        got.pop("step")
+        _assert_same(got, ref, f"adafactor ep=2 -> {mesh_shape} {dense}")
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(pools, saved):
