@@ -13,9 +13,9 @@ pretraining. ``FinetuneTrainer`` changes only evaluation and the end of the run:
 - every ``train.eval_every`` steps (and before the first step, ``finetune.eval_at_start``): the teacher-forced
   validation loss, then greedy decoding (``model.generate``) of the first ``finetune.eval_examples`` validation
   examples, scored with the task's metrics (:mod:`switchformer.train.task_metrics`);
-- the best evaluation by the task's primary metric is kept in ``RUN_DIR/best/`` (``save_pretrained`` weights, the
-  tokenizer's ``spiece.model``, ``best.json``, the validation predictions); the paper reports the peak validation
-  score, evaluating every 200 steps (§4.1);
+- the best evaluation by the task's primary metric (ties: the lower validation loss) is kept in ``RUN_DIR/best/``
+  (``save_pretrained`` weights, the tokenizer's ``spiece.model``, ``best.json``, the validation predictions); the
+  paper reports the peak validation score, evaluating every 200 steps (§4.1);
 - at the end, the best weights are scored on the test split; ``RUN_DIR/finetune_results.json`` and ``.md`` hold the
   untuned (step 0), best and last evaluations and the test scores, and the table is printed.
 
@@ -364,8 +364,10 @@ class FinetuneTrainer(Trainer):
         on_disk = _read_best(self.run_dir)
         if self.resumed_from is not None and on_disk is not None and on_disk["step"] <= self.state.step:
             self.best = on_disk  # a best saved after the checkpoint is re-made when its step is replayed
-        elif scored:
-            self.best = max(scored, key=lambda e: e[self.metric])
+        else:
+            for e in scored:
+                if self._better(e):
+                    self.best = e
         if self.resumed_from is None and self.cfg.finetune.eval_at_start:
             self.evaluate()
 
@@ -386,10 +388,18 @@ class FinetuneTrainer(Trainer):
         extra = "  ".join(f"{m} {scores[m]:.2f}" for m in self.comp.task.metrics)
         self.say(f"step {s.step:>6}  val loss {ev['val_loss']:.4f}  token accuracy {ev['token_accuracy']:.2f}  "
                  f"{extra}  ({s.train_seconds:.0f}s)")
-        if self.best is None or ev[self.metric] > self.best[self.metric]:
+        if self._better(ev):
             self.best = {k: v for k, v in ev.items() if k != "tokens_per_expert"}
             self._save_best(preds)
         return ev
+
+    def _better(self, ev: dict) -> bool:
+        """Whether evaluation ``ev`` beats the best so far: a higher task metric, or the same metric and a lower
+        validation loss (while a small model's exact match is still 0, the loss tells the checkpoints apart)."""
+        if self.best is None:
+            return True
+        m = self.metric
+        return ev[m] > self.best[m] or (ev[m] == self.best[m] and ev["val_loss"] < self.best["val_loss"])
 
     def _save_best(self, preds: list[str]) -> None:
         """Write ``RUN_DIR/best`` (weights, tokenizer, ``best.json``, validation predictions) next to the old one,
