@@ -46,7 +46,7 @@ def test_quick_fig12_and_table2_through_the_cli(tmp_path, capsys):
     tokens = {r["evals"][0].get("tokens_seen") for r in fig12["runs"]}
     assert tokens == {0}
     assert {r["precision"] for r in table2["runs"]} == {"float32", "bfloat16", "selective"}
-    collected = (out / "reproduction.md").read_text()
+    collected = (out / "summary.md").read_text()
     assert "not run yet" in collected and "smoke test, not a result" in collected
     assert "smoke tests of the pipeline, not results" in capsys.readouterr().out
 

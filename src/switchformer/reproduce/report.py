@@ -232,7 +232,7 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
 
 def write_outputs(record: dict, out_dir: Path) -> None:
     """``<name>.json``, ``<name>.png`` and ``<name>.md`` in ``out_dir``; then the collected markdown: the docs file
-    for full runs into ``docs/reproduction``, else ``<out_dir>/reproduction.md``."""
+    for full runs into ``docs/reproduction``, else ``<out_dir>/summary.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = record["experiment"]
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
@@ -242,7 +242,7 @@ def write_outputs(record: dict, out_dir: Path) -> None:
         update_docs(DOCS_FILE, RESULTS_DIR)
     else:
         collected = collect_sections(out_dir, quick=bool(record.get("quick")), image_prefix="")
-        (out_dir / "reproduction.md").write_text(collected)
+        (out_dir / "summary.md").write_text(collected)
 
 
 def load_records(results_dir: Path, quick: bool = False) -> dict[str, dict]:
