@@ -214,6 +214,15 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
             lines += ["", f"Along {' → '.join(c.arms)}, the best mean quality is {arms[best]['label']} "
                       f"({arms[best]['mean']:.3f})" + (": the sweep saturates before its end." if best != c.arms[-1]
                                                        else ".")]
+    low_precision = [a for a in exp.arms if a.precision != "float32" and a.name in arms]
+    if low_precision:
+        diverged = {a.name: arms[a.name]["diverged"] for a in low_precision}
+        if not any(diverged.values()):
+            lines += ["", "No emulated-bfloat16 run diverged: the paper's instability is not reproduced here (the "
+                      "largest router logits are in the table above)."]
+        else:
+            lines += ["", "Diverged emulated-bfloat16 runs: " + ", ".join(f"{k}: {v}" for k, v in diverged.items()
+                                                                          if v) + "."]
     if judged.get("delta_sd") is not None:
         lines += ["", f"Δ_SD (the Switch-vs-dense gap the ratios use) = {judged['delta_sd']:+.4f} nats "
                   f"({judged['delta_sd_source']})."]
