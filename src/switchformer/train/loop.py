@@ -602,6 +602,11 @@ def train(
 ) -> TrainResult:
     """Train ``cfg`` and return the result; see the module docstring for what happens each step.
 
+    Under torchrun (``WORLD_SIZE`` > 1; ``switchformer train --nproc N``), or in a process group of several ranks,
+    every rank calls this: the process group and the ("dp", "ep") mesh are set up from ``cfg.parallel``, every rank
+    must pass an equal ``cfg``, ``components`` (if given) must hold the same model on every rank, and each rank
+    trains on its rows of every global batch (``switchformer.train.parallel``). Every rank returns the result.
+
     Args:
         cfg: the run's configuration.
         resume: continue from the newest usable checkpoint of the run directory (exactly, including data order).
@@ -613,7 +618,9 @@ def train(
 
     Raises:
         NonFiniteLossError: a non-finite loss or gradient (unless ``cfg.train.skip_nonfinite``).
-        RunError: ``resume`` and no checkpoint fits this config (nothing was written to the run then).
+        RunError: ``resume`` and no checkpoint fits this config (nothing was written to the run then); on several
+            processes, a collective failed because another process died or stalled.
+        ConfigError: on several processes, ranks with different configs or a layout that cannot work.
     """
     tc = cfg.train
     if tc.num_threads > 0:
@@ -625,7 +632,10 @@ def train(
             print_fn = _quiet
         return _train(cfg, layout, resume, run_dir, components, print_fn, trainer_cls)
     except RuntimeError as e:
-        raise layout.explain_failure(e) from e
+        explained = layout.explain_failure(e)  # a peer's death, on several processes: one line naming the rank
+        if explained is e:
+            raise
+        raise explained from e
     finally:
         layout.close()
 
