@@ -172,3 +172,25 @@ def test_nonfinite_loss_stops_every_rank_naming_the_module(pool2, out_dir):
                                               "train.skip_nonfinite=true"), out_dir / "nan-skip")
     assert skipped == [None, None]
     assert [r["step"] for r in _records(out_dir / "nan-skip", "skip")] == [1, 2]
+
+
+def test_sharded_adafactor_is_torch_adafactor_on_whole_tensors():
+    """On plain (unsharded) tensors ShardedAdafactor is torch.optim.Adafactor, weight decay and maximize included:
+    the reference its sharded reductions reproduce."""
+    from switchformer.train.parallel import ShardedAdafactor
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7,), (5, 3), (4, 6, 2)]
+    for kwargs in ({}, {"weight_decay": 0.1, "maximize": True, "eps": (1e-30, 1e-3), "lr": 0.05}):
+        ours = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        opt_ours, opt_ref = ShardedAdafactor(ours, **kwargs), torch.optim.Adafactor(ref, foreach=False, **kwargs)
+        for _ in range(4):
+            for a, b in zip(ours, ref, strict=True):
+                a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64)
+                b.grad = a.grad.clone()
+            opt_ours.step()
+            opt_ref.step()
+        for a, b in zip(ours, ref, strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (a.shape, (a - b).abs().max())
+        assert opt_ours.state_dict()["state"].keys() == opt_ref.state_dict()["state"].keys()
