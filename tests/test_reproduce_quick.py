@@ -58,9 +58,16 @@ def test_quick_results_never_reach_the_docs(tmp_path, monkeypatch):
     docs = tmp_path / "docs" / "reproduction.md"
     docs.parent.mkdir()
     docs.write_text(f"# header\n{BEGIN}\nold\n{END}\n")
-    assert main(["reproduce", "table3", "--quick", "--out", "docs/reproduction"]) == 0
+    assert main(["reproduce", "table3", "--quick", "--seeds", "2", "--out", "docs/reproduction"]) == 0
     assert docs.read_text() == f"# header\n{BEGIN}\nold\n{END}\n"
-    assert json.loads((tmp_path / "docs" / "reproduction" / "table3.json").read_text())["quick"]
+    record = json.loads((tmp_path / "docs" / "reproduction" / "table3.json").read_text())
+    assert record["quick"] and record["seeds"] == [0, 1]
+    # two seeds per arm: sigma is the pooled seed std, and the spread claim has its F-test
+    q = [r["quality"] for r in sorted(record["runs"], key=lambda r: (r["arm"], r["seed"]))]
+    pooled = (((q[0] - q[1]) ** 2 / 2 + (q[2] - q[3]) ** 2 / 2) / 2) ** 0.5
+    assert record["judged"]["sigma"] == pytest.approx(pooled)
+    spread = record["judged"]["claims"][1]
+    assert spread["kind"] == "spread" and spread["judgement"]["details"]["F"] > 0
     # a full-run record in the same folder regenerates the docs region from the JSON files (quick ones ignored)
     from switchformer.reproduce.report import update_docs
 
