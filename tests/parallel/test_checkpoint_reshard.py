@@ -271,6 +271,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(pools, saved):
     model, optimizer = _build("adamw")
     assert ck.load_latest(run_dir, model, optimizer).step == STEPS
     _assert_same(_global_state(model, optimizer), saved["ref"], "after a crashed save")
+    # Once its writer is gone, the next start removes the leftover (here: renamed to a pid that cannot exist).
+    dead = leftovers[0].with_name(f".tmp_{ck.step_dir_name(STEPS + 1)}_{2**31 - 1}")
+    leftovers[0].rename(dead)
+    assert ck.clean_incomplete(run_dir) == [dead] and not dead.exists()
 
 
 def test_corrupted_shard_is_named_and_skipped(saved, tmp_path):
