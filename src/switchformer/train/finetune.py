@@ -53,7 +53,7 @@ FINETUNE_DEFAULTS = (
     "optim.schedule=constant",  # official T5X fine-tuning config: Adafactor, constant learning rate 1e-3
     "optim.lr=0.001",
     "optim.warmup_steps=0",
-    "train.steps=400",
+    "train.steps=300",  # a CPU-sized budget for configs/default.toml's model (the paper: 16k steps of 1M tokens)
     "train.eval_every=100",
     "train.checkpoint_every=100",
 )
