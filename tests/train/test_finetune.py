@@ -275,3 +275,13 @@ def test_cli_missing_extra_fails_before_loading(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
     code, err = _cli(["finetune", "/no/such/run", "--task", "stdlib-docstring"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "pip install 'switchformer[finetune]'" in err
+
+
+def test_cli_help(capsys):
+    from switchformer.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: switchformer finetune")
+    assert "--task" in out and "--resume" in out and "paper §2.4, §4.1" in out
