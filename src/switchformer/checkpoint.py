@@ -64,6 +64,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LoadedCheckpoint",
     "clean_incomplete",
+    "dcp_failures",
     "dcp_reader",
     "dcp_state",
     "latest_checkpoint",
@@ -583,6 +584,14 @@ def _check_dcp_keys(metadata: Any, tensors: dict[str, torch.Tensor], where: Path
                               "config.toml")
 
 
+def dcp_failures(error: BaseException) -> str:
+    """One line per failing rank of a ``torch.distributed.checkpoint`` ``CheckpointException``."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return f"{type(error).__name__}: {error}"
+    return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(failures.items()))
+
+
 def load_dcp_state(path: str | os.PathLike, state: dict, model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load the ``dcp/`` tensors of distributed checkpoint ``path`` (train state ``state``) into ``model`` and
@@ -609,14 +618,14 @@ def load_dcp_state(path: str | os.PathLike, state: dict, model: torch.nn.Module,
     # A plain model reads on its own, even inside a job (an export on rank 0); sharded tensors read collectively.
     collective = dist.is_available() and dist.is_initialized() and any(
         isinstance(t, DTensor) for t in tensors.values())
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with warnings.catch_warnings():  # loading in one process is intended here, not a fallback
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp.load(tensors, storage_reader=reader, no_dist=not collective)
-    except CheckpointError:
-        raise
-    except Exception as e:  # DCP wraps per-rank failures (a truncated data file) in CheckpointException
-        raise CheckpointError(f"checkpoint {path / DCP_DIR} could not be read ({type(e).__name__}: {e}); it is "
+    except CheckpointException as e:  # what failed on which rank (a truncated data file), raised on every rank
+        raise CheckpointError(f"checkpoint {path / DCP_DIR} could not be read ({dcp_failures(e)}); it is "
                               "truncated or corrupted") from None
     if optimizer is None:
         set_model_state_dict(model, msd)

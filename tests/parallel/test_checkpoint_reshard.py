@@ -295,6 +295,10 @@ def test_corrupted_shard_is_named_and_skipped(saved, tmp_path):
     model, _ = _build("adamw")
     with pytest.warns(UserWarning, match="__1_0.distcp"):
         assert ck.load_latest(run_dir, model).path == good
+    # Past the manifest (loading without verifying), a truncated data file is still a CheckpointError.
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ck.CheckpointError, match="could not be read .*rank 0"):
+        ck.load_dcp_state(newer, ck.verify_checkpoint(good), model)
 
 
 def test_wrong_model_is_refused(saved):

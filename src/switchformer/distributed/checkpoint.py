@@ -216,6 +216,7 @@ def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, model: nn
         CheckpointError: on every rank, when writing failed on any rank; the previous checkpoint stays intact.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -230,8 +231,8 @@ def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, model: nn
         with warnings.catch_warnings():  # one process without a process group is a supported layout
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp.save(tensors, storage_writer=writer)
-    except Exception as e:  # DCP raises the same CheckpointException on every rank when any rank failed
-        raise CheckpointError(f"writing checkpoint {tmp} failed ({type(e).__name__}: {e}); the previous "
+    except (CheckpointException, OSError) as e:  # DCP raises CheckpointException on every rank if any failed
+        raise CheckpointError(f"writing checkpoint {tmp} failed ({ck.dcp_failures(e)}); the previous "
                               "checkpoint is intact") from None
     per_rank = _on_every_rank(lambda: (_hash_own_files(tmp / ck.DCP_DIR, rank), ck.rng_state()),
                               "hashing the checkpoint files")
