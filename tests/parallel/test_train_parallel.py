@@ -40,7 +40,7 @@ def _cfg(out_dir, *extra):
     ])
 
 
-def _train_float64(cfg, run_dir, resume=False):
+def _train_float64(cfg, run_dir, resume=False, printed=None):
     """``train(cfg)`` with the model converted to float64; returns the final weights (full tensors)."""
     from torch.distributed.tensor import DTensor
 
@@ -49,14 +49,21 @@ def _train_float64(cfg, run_dir, resume=False):
     comp = build_components(cfg, torch.device("cpu"))
     comp.model.double()
     model = comp.model  # parallelized in place (FSDP2); a DDP wrapper would hold it as .module
-    train(cfg, run_dir=run_dir, components=comp, print_fn=lambda text: None, resume=resume)
+    say = printed.append if printed is not None else (lambda text: None)
+    train(cfg, run_dir=run_dir, components=comp, print_fn=say, resume=resume)
     return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for name, p in model.named_parameters()}
 
 
-def _rank_train(cfg, run_dir, resume=False):
-    weights = _train_float64(cfg, run_dir, resume)
+def _rank_train(cfg, run_dir, resume=False, printed=None):
+    weights = _train_float64(cfg, run_dir, resume, printed)
     return weights if dist.get_rank() == 0 else None
+
+
+def _rank_resume(cfg, run_dir):
+    printed = []
+    weights = _rank_train(cfg, run_dir, True, printed)
+    return weights, printed
 
 
 def _records(run_dir, kind):
@@ -144,8 +151,12 @@ def test_resume_at_another_layout_continues_the_same_run(pool2, reference, out_d
     weights and Adafactor's statistics, and the run is the uninterrupted one-process run."""
     run_dir = out_dir / "resumed"
     pool2.run(_rank_train, _cfg(out_dir, "parallel.ep=2", "train.steps=10"), run_dir)
-    weights = pool2.run(_rank_train, _cfg(out_dir, "parallel.ep=1"), run_dir, True)[0]
+    (weights, printed), (_, printed_1) = pool2.run(_rank_resume, _cfg(out_dir, "parallel.ep=1"), run_dir)
     _compare(reference, 2, run_dir, weights)
+    notes = [line for line in printed if line.startswith("note:")]
+    assert notes == ["note: step_000010 was written on 2 process(es) (dp=1, ep=2); this run has 2 (dp=2, ep=1), "
+                     "so the dropout/jitter streams are reseeded from (seed, step, rank)"], printed
+    assert printed_1 == []  # rank 1 prints nothing
 
 
 def _nan_expert_run(cfg, run_dir):

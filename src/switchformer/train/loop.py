@@ -357,7 +357,8 @@ class Trainer:
         with warnings.catch_warnings(record=True) as skipped:  # checkpoints load_latest fell back from
             warnings.simplefilter("always")
             try:
-                path, step, s = self.layout.load_checkpoint(self.run_dir, self.model, self.optimizer, self.tc.seed)
+                path, step, s = self.layout.load_checkpoint(self.run_dir, self.model, self.optimizer, self.tc.seed,
+                                                            self.print_fn)
             except CheckpointError as e:
                 if not ck.list_checkpoints(self.run_dir):
                     raise RunError(f"{self.run_dir} has no checkpoint to resume from; train it without "

@@ -129,12 +129,13 @@ class SingleProcess:
         return ck.save_checkpoint(run_dir, step, model, optimizer, state, config_toml, keep=keep)
 
     def load_checkpoint(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        seed: int) -> tuple[Path, int, dict]:
+                        seed: int, say: Callable[[str], None] = print) -> tuple[Path, int, dict]:
         """Restore the newest usable checkpoint of ``run_dir`` (weights, optimizer, RNG); ``(path, step, state)``.
-        A checkpoint written on several processes loads too (its RNG streams are then reseeded from ``seed``)."""
+        A checkpoint written on several processes loads too (its RNG streams are then reseeded from ``seed``, and
+        ``say`` prints a note)."""
         latest = ck.latest_checkpoint(run_dir)
         if latest is not None and not (latest / ck.MODEL_FILE).is_file():
-            return _load_distributed(self, latest, model, optimizer, seed)
+            return _load_distributed(self, latest, model, optimizer, seed, say)
         loaded = ck.load_latest(run_dir, model, optimizer)
         return loaded.path, loaded.step, loaded.state
 
@@ -275,11 +276,11 @@ class DistributedRun(SingleProcess):
         return save_distributed_checkpoint(run_dir, step, model, optimizer, state, config_toml, keep=keep)
 
     def load_checkpoint(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        seed: int) -> tuple[Path, int, dict]:
+                        seed: int, say: Callable[[str], None] = print) -> tuple[Path, int, dict]:
         latest = self.from_main(lambda: ck.latest_checkpoint(run_dir))
         if latest is None:
             raise CheckpointError(f"no checkpoint in {Path(run_dir) / ck.CHECKPOINTS_DIR}; train first")
-        return _load_distributed(self, latest, model, optimizer, seed)
+        return _load_distributed(self, latest, model, optimizer, seed, say)
 
     def explain_failure(self, error: RuntimeError) -> Exception:
         """A collective that failed because a peer died or stalled becomes a one-line ``RunError``."""
@@ -320,7 +321,7 @@ def check_layout(cfg: RunConfig, world: int) -> None:
 
 
 def _load_distributed(layout: SingleProcess, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      seed: int) -> tuple[Path, int, dict]:
+                      seed: int, say: Callable[[str], None]) -> tuple[Path, int, dict]:
     """Load checkpoint folder ``path`` (written at any layout) and restore this rank's RNG streams: its own when
     the layout is unchanged, else reseeded from (seed, step, rank) with a one-line note."""
     from switchformer.distributed.checkpoint import load_distributed_checkpoint
@@ -336,7 +337,7 @@ def _load_distributed(layout: SingleProcess, path: Path, model: torch.nn.Module,
     else:
         torch.manual_seed((seed * 1_000_003 + step * 1009 + layout.rank) % 2**63)
         if layout.is_main:
-            print(f"note: {path.name} was written on {saved['world']} process(es) (dp={saved['dp']}, "
+            say(f"note: {path.name} was written on {saved['world']} process(es) (dp={saved['dp']}, "
                   f"ep={saved['ep']}); this run has {here['world']} (dp={here['dp']}, ep={here['ep']}), so the "
                   "dropout/jitter streams are reseeded from (seed, step, rank)")
     return path, step, state
