@@ -343,7 +343,7 @@ def main() -> None:
     bandwidth = r["a2a_large_bytes"] / 2 / (large_time - latency if large_time > 2 * latency else large_time)
     sync_cost = max(_median(r["chunk_and_collective_s"]) - _median(r["chunk_s"]), latency)
 
-    model_cfg, work = plan.workload_from_run_config(run_config())
+    model_cfg, work = plan.workload_from_run_config(run_config(), target_length=r["target_length"])
     hw_peak = plan.Hardware(devices=2, device_memory=64e9, link_bandwidth=bandwidth, device_flops=flops,
                             link_latency=latency)
     ep2 = plan.Layout(dp=1, ep=2, tp=1)

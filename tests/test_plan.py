@@ -205,3 +205,11 @@ def test_cli_does_not_fit_exits_2(capsys):
     assert "switchformer plan: error: does not fit: needs" in err and "has 80.0 GB" in err
     assert main(["plan", "tiny", "--devices", "2", "--device-memory", "lots"]) == 2
     assert "--device-memory" in capsys.readouterr().err
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--devices" in out and "--device-memory" in out and "--json" in out

@@ -233,7 +233,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     chosen = dict(tokens_per_batch=args.tokens_per_batch, optimizer=args.optimizer, precision=args.precision,
                   dense=args.dense, routing=args.routing)
     if args.model.endswith(".toml"):
-        model, work = plan.workload_from_run_config(build_config(args.model, list(args.overrides)), **chosen)
+        from switchformer.data.span_corruption import span_corruption_lengths
+
+        run_cfg = build_config(args.model, list(args.overrides))
+        data = run_cfg.data
+        _, target = span_corruption_lengths(data.input_length, data.noise_density, data.mean_noise_span_length)
+        model, work = plan.workload_from_run_config(run_cfg, target_length=target, **chosen)
     else:
         from switchformer.config import apply_overrides
         from switchformer.models.presets import get_preset

@@ -484,20 +484,24 @@ def _model(model: ModelConfig | str) -> ModelConfig:
     return get_preset(model)
 
 
-def workload_from_run_config(run_cfg, **overrides) -> tuple[ModelConfig, Workload]:
+def workload_from_run_config(
+    run_cfg, *, target_length: int | None = None, **overrides
+) -> tuple[ModelConfig, Workload]:
     """The model and workload of a TOML recipe (a ``RunConfig``): the tokenizer's vocabulary rounded up to a
-    multiple of 128, the global batch = batch_size x grad_accum x sequence tokens, its lengths and precision."""
-    from switchformer.data.span_corruption import span_corruption_lengths
+    multiple of 128, the global batch = batch_size x grad_accum x sequence tokens, its lengths and precision.
 
+    An encoder-decoder recipe needs ``target_length``, the decoder tokens per sequence of its objective (for span
+    corruption ``switchformer.data.span_corruption.span_corruption_lengths(input_length, ...)[1]``).
+    """
     data = run_cfg.data
     model = dataclasses.replace(run_cfg.model, vocab_size=round_vocab(data.vocab_size))
     if model.arch == "decoder_only":
-        target = 1
-    else:
-        _, target = span_corruption_lengths(data.input_length, data.noise_density, data.mean_noise_span_length)
-    seq = data.input_length + (0 if model.arch == "decoder_only" else target)
+        target_length = 1
+    elif target_length is None:
+        raise ValueError("an encoder-decoder recipe needs target_length (span_corruption_lengths(input_length)[1])")
+    seq = data.input_length + (0 if model.arch == "decoder_only" else target_length)
     values = dict(tokens_per_batch=run_cfg.train.batch_size * run_cfg.train.grad_accum * seq,
-                  input_length=data.input_length, target_length=target, optimizer=run_cfg.optim.name,
+                  input_length=data.input_length, target_length=target_length, optimizer=run_cfg.optim.name,
                   precision=run_cfg.train.precision, dense=run_cfg.parallel.dense)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return model, Workload(**values)
