@@ -161,12 +161,15 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
         if s.get("steps_to_reference") and s.get("train_flops_per_step"):
             s["tflops_to_reference"] = s["steps_to_reference"] * s["train_flops_per_step"] / 1e12
     extra = [k for k in ("train_drop_fraction", "tokens_per_s", "max_abs_router_logit", "step_speedup",
-                         "tflops_to_reference") if any(s.get(k) is not None for s in arms.values())]
+                         "tflops_to_reference", "peak_metric", "last_train_loss", "last_val_loss")
+             if any(s.get(k) is not None for s in arms.values())]
     head = {"train_drop_fraction": "dropped (train)", "tokens_per_s": "tokens/s", "max_abs_router_logit":
             "max abs router logit", "step_speedup": f"step speedup to {exp.reference[1] if exp.reference else ''}",
-            "tflops_to_reference": "training TFLOPs to reach it"}
-    lines += [f"**Ours** (neg. log perplexity after {record['steps']} steps; mean ± std over seeds; a diverged run "
-              "keeps its untrained quality):", "",
+            "tflops_to_reference": "training TFLOPs to reach it", "peak_metric": "peak exact match",
+            "last_train_loss": "last train loss", "last_val_loss": "last val loss"}
+    quality = exp.extra.get("quality", "neg. log perplexity")
+    lines += [f"**Ours** ({quality} after {record['steps']} steps; mean ± std over seeds; a diverged run keeps its "
+              "untrained quality):", "",
               "| arm | seeds | quality | diverged | " + " | ".join(head[k] for k in extra) + " |",
               "|---|---|---|---|" + "---|" * len(extra)]
     for s in arms.values():
@@ -179,6 +182,8 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
                 cells.append("–" if v is None else f"{v:.0f}")
             elif k == "step_speedup":
                 cells.append("–" if v is None else f"{v:.2f}x")
+            elif k == "peak_metric":
+                cells.append("–" if v is None else f"{v:.1f}")
             elif k == "tflops_to_reference":
                 cells.append("–" if v is None else f"{v:.3g}")
             else:

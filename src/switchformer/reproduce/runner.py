@@ -121,14 +121,15 @@ def _eval_point(ev: dict, probe: _RouterLogitProbe) -> dict:
 
 
 def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _DataCache,
-              print_fn: Callable[[str], None] = print) -> dict:
-    """Train one run of an arm (or reuse its finished result) and return its result record."""
+              print_fn: Callable[[str], None] = print, save_checkpoint: bool = False) -> dict:
+    """Train one run of an arm (or reuse its finished result) and return its result record; ``save_checkpoint``
+    keeps the final weights (a source for fine-tuning)."""
     from switchformer.data import make_loader
     from switchformer.models import build_model
     from switchformer.models.presets import flops_per_sequence
     from switchformer.train.loop import Components, NonFiniteLossError, Trainer, resolve_device
 
-    key = _run_key(cfg, precision)
+    key = _run_key(cfg, precision) + ("-saved" if save_checkpoint else "")
     result_file = run_dir / "result.json"
     if result_file.is_file():
         try:
@@ -185,6 +186,8 @@ def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _Da
                 diverged_at, stop = step, "diverged: non-finite validation loss"
                 break
     if diverged_at is None:
+        if save_checkpoint:
+            trainer.save()
         trainer.finish(stop)
     else:
         trainer.close()
@@ -276,7 +279,8 @@ def judge_experiment(exp: Experiment, runs: Sequence[dict], fig12: dict | None =
         q = qualities[a.name]
         summary = {"seeds": [r["seed"] for r in rs], "qualities": q, "mean": mean(q), "std": sample_std(q),
                    "diverged": sum(r["diverged"] for r in rs), "x": a.x, "label": a.title, "precision": a.precision}
-        for key in ("tokens_per_s", "train_drop_fraction", "train_flops_per_step"):
+        for key in ("tokens_per_s", "train_drop_fraction", "train_flops_per_step", "peak_metric", "last_train_loss",
+                    "last_val_loss"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             summary[key] = mean(vals) if vals else None
         logits = [e["max_abs_router_logit"] for r in rs for e in r["evals"] if "max_abs_router_logit" in e]
@@ -363,6 +367,11 @@ def run_experiment(
     print_fn(f"== {name}: {exp.source}, {exp.title}{label}: {len(plan)} runs")
     t0 = time.perf_counter()
     runs = []
+    if "finetune" in exp.requires:
+        from switchformer.reproduce.finetuning import run_finetune_experiment
+
+        runs = run_finetune_experiment(exp, plan, runs_root, data, quick=quick, print_fn=print_fn)
+        plan = []
     for i, (arm, seed) in enumerate(plan, 1):
         cfg = arm_config(exp, arm.name, seed, quick=quick, steps=steps)
         cfg = apply_overrides(cfg, [f"out_dir={runs_root / name}"])
@@ -381,7 +390,7 @@ def run_experiment(
         except (OSError, json.JSONDecodeError):
             fig12 = None
     judged = judge_experiment(exp, runs, fig12)
-    steps_used = runs[0]["config"]["train"]["steps"] if runs else exp.steps
+    steps_used = max((r["steps_done"] for r in runs), default=exp.steps)
     record = {
         "experiment": name, "title": exp.title, "source": exp.source, "factor": exp.factor, "quick": quick,
         "label": SMOKE_LABEL if quick else "result", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
