@@ -4,7 +4,8 @@ Both sources are pre-trained from seed 0 with the shared base config (the dense 
 Switch one with 8 experts), for the experiment's pre-training budget, and keep their final checkpoint. Every
 fine-tuning arm then runs ``switchformer finetune`` on the built-in ``stdlib-name`` task (restore a function's
 masked name from its body and docstring; exact match) with the paper's fine-tuning settings (constant learning rate
-1e-3) and the arm's dropout rates, once per seed (the seed sets the example order and the dropout stream).
+1e-3) and the arm's dropout rates, once per seed (``train.seed`` sets the dropout stream, ``data.seed`` the
+example order).
 
 The paper reports the peak validation score of each run (§4.1), so a run's quality is its best validation
 negative log-likelihood in nats (the lowest loss over its evaluations), judged like every other experiment; the
@@ -63,7 +64,8 @@ def finetune_run(exp: Experiment, arm_name: str, seed: int, source: Path, run_di
 
     arm = exp.arm(arm_name)
     s = _settings(quick)
-    overrides = [*arm.overrides, f"train.steps={s['steps']}", f"train.seed={seed}", f"train.batch_size={s['batch']}",
+    overrides = [*arm.overrides, f"train.steps={s['steps']}", f"train.seed={seed}", f"data.seed={seed}",
+                 f"train.batch_size={s['batch']}",
                  f"train.eval_every={s['eval_every']}", "train.checkpoint_every=0", "train.progress=false",
                  "train.tensorboard=false", "train.plots=false", *s["task"]]
     key = json.dumps([str(source), overrides, TASK])
