@@ -75,6 +75,7 @@ __all__ = [
     "load_model_weights",
     "save_checkpoint",
     "verify_checkpoint",
+    "verify_files",
     "write_text_atomic",
 ]
 
@@ -291,8 +292,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
+def verify_checkpoint(path: str | os.PathLike, *, check_files: bool = True) -> dict:
     """Check that every file of checkpoint ``path`` exists with the recorded size and sha256; return the state.
+
+    With ``check_files=False`` only train_state.json and its manifest's entries are checked, and
+    :func:`verify_files` checks the files (a distributed load splits them over the ranks).
 
     Raises:
         CheckpointError: naming the first missing, truncated or corrupted file.
@@ -316,12 +320,29 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint file {state_path} is corrupted: no valid 'manifest'")
     if kind == DISTRIBUTED_KIND and f"{DCP_DIR}/.metadata" not in manifest:
         raise CheckpointError(f"checkpoint file {state_path} is corrupted: its manifest lacks {DCP_DIR}/.metadata")
-    for name, info in manifest.items():
-        f = path / name
+    for name in manifest:
         parts = Path(name).parts
         in_dcp = kind == DISTRIBUTED_KIND and len(parts) == 2 and parts[0] == DCP_DIR and parts[1] not in (".", "..")
         if Path(name).name != name and not in_dcp:
             raise CheckpointError(f"{state_path}: manifest entry {name!r} is not a file of the checkpoint folder")
+    if check_files:
+        verify_files(path, state, list(manifest))
+    for key in ("step", "rng"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint file {state_path} is corrupted: no {key!r}")
+    return state
+
+
+def verify_files(path: str | os.PathLike, state: dict, names: list[str]) -> None:
+    """Check the manifest entries ``names`` of checkpoint ``path`` (state from :func:`verify_checkpoint`): each
+    file exists with the recorded size and sha256.
+
+    Raises:
+        CheckpointError: naming the first missing, truncated or corrupted file.
+    """
+    for name in names:
+        info = state["manifest"][name]
+        f = Path(path) / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
         size = f.stat().st_size
@@ -330,10 +351,6 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"checkpoint file {f} is truncated or corrupted: {size} bytes, expected {expected}")
         if _sha256(f) != info.get("sha256"):
             raise CheckpointError(f"checkpoint file {f} is corrupted: sha256 does not match train_state.json")
-    for key in ("step", "rng"):
-        if key not in state:
-            raise CheckpointError(f"checkpoint file {state_path} is corrupted: no {key!r}")
-    return state
 
 
 def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, strict: bool = True) -> None:

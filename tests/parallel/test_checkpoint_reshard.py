@@ -277,7 +277,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(pools, saved):
     assert ck.clean_incomplete(run_dir) == [dead] and not dead.exists()
 
 
-def test_corrupted_shard_is_named_and_skipped(saved, tmp_path):
+def test_corrupted_shard_is_named_and_skipped(pools, saved, tmp_path):
     import shutil
 
     run_dir = tmp_path / "run"
@@ -295,6 +295,10 @@ def test_corrupted_shard_is_named_and_skipped(saved, tmp_path):
     model, _ = _build("adamw")
     with pytest.warns(UserWarning, match="__1_0.distcp"):
         assert ck.load_latest(run_dir, model).path == good
+    # Four ranks hash a quarter of the files each (rank 3 finds this one) and fall back together.
+    got = pools[4].run(_load_and_report, str(run_dir), (4,), "fsdp", "adamw")[0]
+    assert got.pop("step") == STEPS
+    _assert_same(got, saved["ref"], "fallback past a corrupted shard at ep=4")
     # Past the manifest (loading without verifying), a truncated data file is still a CheckpointError.
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ck.CheckpointError, match="could not be read .*rank 0"):

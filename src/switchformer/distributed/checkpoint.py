@@ -251,20 +251,39 @@ def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, model: nn
 
 
 # ------------------------------------------------------------------------------------------------------------ load
-def _verified(path: Path) -> tuple[str, dict]:
-    """The checkpoint folder to load and its verified train state: ``path`` itself, or for a run directory the
-    newest checkpoint that verifies (the ones that do not are skipped, as ``load_latest`` does)."""
+def _candidates(path: Path) -> list[str]:
+    """``path`` itself (a checkpoint folder), or a run directory's checkpoints: ``latest`` first, then newest
+    first, as ``load_latest`` tries them."""
     if (path / ck.STATE_FILE).is_file() or not (path / ck.CHECKPOINTS_DIR).is_dir():
-        return str(path), ck.verify_checkpoint(path)
+        return [str(path)]
     first = ck.latest_checkpoint(path)
     if first is None:
         raise CheckpointError(f"no checkpoint in {path / ck.CHECKPOINTS_DIR}; train first")
+    return [str(p) for p in [first] + [p for p in reversed(ck.list_checkpoints(path)) if p != first]]
+
+
+def _verified(path: Path, *, collective: bool = True) -> tuple[Path, dict]:
+    """The checkpoint folder to load and its verified train state. Collective by default: rank 0 reads
+    train_state.json and the files of its manifest are hashed by all ranks in turn (rank r takes entries r,
+    r + world, ...). For a run directory, checkpoints that fail are skipped with a warning (on rank 0), as
+    ``load_latest`` does."""
+    rank, world = _rank_world() if collective else (0, 1)
+    on_rank0 = _on_rank0 if collective else (lambda fn, what: fn())
+    on_every_rank = _on_every_rank if collective else (lambda fn, what: [fn()])
     errors = []
-    for p in [first] + [p for p in reversed(ck.list_checkpoints(path)) if p != first]:
+    for where in on_rank0(lambda: _candidates(path), f"listing the checkpoints of {path}"):
         try:
-            return str(p), ck.verify_checkpoint(p)
+            state = on_rank0(lambda w=where: ck.verify_checkpoint(w, check_files=False), f"verifying {where}")
+            names = sorted(state["manifest"])[rank::world]
+            on_every_rank(lambda w=where, s=state, n=names: ck.verify_files(w, s, n), f"verifying {where}")
         except CheckpointError as e:
             errors.append(str(e))
+            if rank == 0:
+                warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=3)
+            continue
+        return Path(where), state
+    if len(errors) == 1:
+        raise CheckpointError(errors[0])
     raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(errors))
 
 
@@ -351,8 +370,9 @@ def load_distributed_checkpoint(path: str | os.PathLike, model: nn.Module,
     - single-process (``switchformer.checkpoint.save_checkpoint``, safetensors): each rank reads its slices of the
       full tensors, so a run can grow from one process to many.
 
-    The optimizer must be built like the saved one (same type, same parameter groups). Rank 0 verifies the manifest
-    (sizes and sha256) first.
+    The optimizer must be built like the saved one (same type, same parameter groups). The manifest (sizes and
+    sha256 of every file) is verified first, the files split over the ranks; from a run directory, checkpoints that
+    fail are skipped with a warning.
 
     Args:
         restore_rng: restore this rank's RNG states when the checkpoint was written with the same world size (the
@@ -366,8 +386,7 @@ def load_distributed_checkpoint(path: str | os.PathLike, model: nn.Module,
         CheckpointError: on every rank; a file is missing or corrupted, or the checkpoint does not fit the model.
     """
     rank, world = _rank_world()
-    where, state = _on_rank0(lambda: _verified(Path(path)), f"verifying checkpoint {path}")
-    where = Path(where)
+    where, state = _verified(Path(path))
     inner = unwrap(model)
     if state.get("kind") == ck.DISTRIBUTED_KIND:
         # Key and shape checks run before DCP's collectives, identically on every rank; DCP's load then raises on
@@ -405,11 +424,13 @@ def export_pretrained(checkpoint_or_run_dir: str | os.PathLike, out_dir: str | o
     from switchformer.interop.pretrained import save_pretrained
     from switchformer.models.build import build_model
 
-    p = Path(checkpoint_or_run_dir)
-    where, _ = _verified(p)
-    config = Path(where) / ck.CONFIG_FILE
+    where, state = _verified(Path(checkpoint_or_run_dir), collective=False)
+    config = where / ck.CONFIG_FILE
     if not config.is_file():
         raise CheckpointError(f"{config} is missing; the checkpoint cannot say which model it holds")
     model = build_model(load_toml(config).model, init=False)
-    ck.load_checkpoint(where, model, restore_rng=False)
+    if state.get("kind") == ck.DISTRIBUTED_KIND:
+        ck.load_dcp_state(where, state, model)
+    else:
+        ck.load_model_weights(where, model)
     return save_pretrained(model.eval(), out_dir, **save_kwargs)
