@@ -156,6 +156,32 @@ def _batch(cfg, sequences: int, target_length: int, seed: int):
     return ids, labels
 
 
+def _saved_bytes(model, ids, labels) -> int:
+    """Bytes autograd keeps for the backward of one training forward (each storage once; weights, their gathered
+    FSDP copies and the experts' local shards excluded)."""
+    from torch.distributed.tensor import DTensor
+
+    def storages():
+        return {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+                for p in model.parameters()}
+
+    weights = storages()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):  # leaves that require grad are weights
+            ptr = t.untyped_storage().data_ptr()
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=labels)
+    weights |= storages()  # after the forward FSDP's parameters are the gathered (unsharded) ones
+    saved = sum(nbytes for ptr, nbytes in seen.items() if ptr not in weights)
+    out.loss.backward()  # FSDP and the all-to-all expect the backward of every forward
+    return saved
+
+
 def _worker(rank: int, world: int, init_file: str, out_file: str, reps: int, steps: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -277,6 +303,16 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, reps: int, ste
             if mode.startswith("ep2"):
                 a2a_seconds[mode].append(timer.seconds / steps)
                 sent[mode] = bytes_per_step(mode)
+    # activation memory: bytes of the tensors autograd saves in one forward (weights excluded), per mode
+    saved = {}
+    for mode in MODES:
+        if mode == "ep1" and rank != 0:
+            dist.barrier()
+            continue
+        saved[mode] = _saved_bytes(models[mode], *batches[mode])
+        optims[mode].zero_grad(set_to_none=True)
+        if mode == "ep1":
+            dist.barrier()
     if rank == 0:
         # the minimum bytes of one step, from the routing of the last step on this rank
         from switchformer.distributed.plan import _capacity_rows
@@ -292,6 +328,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, reps: int, ste
             "min_bytes_per_step": {"ep2_capacity": capacity_min, "ep2_dropless": dropless_min},
             "matmul_flops": flops_samples, "a2a_latency_s": lat_samples, "a2a_large_s": a2a_samples,
             "chunk_s": sync_samples[False], "chunk_and_collective_s": sync_samples[True],
+            "saved_activation_bytes": saved,
             "a2a_large_bytes": large.numel() * 4, "target_length": target_length,
             "tokens_per_step": GLOBAL_SEQUENCES * (INPUT_LENGTH + target_length),
         }
@@ -394,6 +431,23 @@ def main() -> None:
         shown = f"{share:.1%}" if mode.startswith("ep2") else "–"
         md.append(f"| {mode} | {s:.3f} | {tps:,.0f} | {step['ep1'] / s:.2f}x | {shown} | {sent or 0:,} | "
                   f"{minimum or 0:,.0f} | {ratio} |")
+    saved = r["saved_activation_bytes"]
+    act_rows = []
+    for mode, layout, wk in (("ep1", plan.Layout(1, 1, 1), work),
+                             ("plain_half", plan.Layout(1, 1, 1), half_work),
+                             ("ep2_capacity", ep2, work), ("ep2_dropless", ep2, dropless_work)):
+        devices = 1 if mode == "ep1" else 2
+        planned = plan.plan_layout(model_cfg, layout, dataclasses.replace(hw_peak, devices=devices), wk)
+        act_rows.append((mode, saved[mode], planned.activation_bytes))
+    md += [
+        "",
+        "Activations of one forward on rank 0 (bytes autograd keeps for the backward, weights excluded) against "
+        "the plan's formula:",
+        "",
+        "| mode | measured | plan | plan / measured - 1 |",
+        "|---|---|---|---|",
+        *[f"| {m} | {a:,} | {b:,.0f} | {b / a - 1:+.1%} |" for m, a, b in act_rows],
+    ]
     md += [
         "",
         "Minimum bytes: capacity mode, 4 x E x G x C x d_model x 4 bytes per Switch layer (the fixed buffer, "
