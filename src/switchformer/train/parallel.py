@@ -45,9 +45,9 @@ from switchformer.train.optim import build_optimizer
 
 T = TypeVar("T")
 
-_PEER_FAILURES = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe",
-                  "NCCL", "gloo")
-"""Words of the errors a collective raises when a peer process is gone or stuck."""
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe")
+"""Words of the errors a gloo collective raises when a peer process is gone or stuck (NCCL raises DistError)."""
+
 
 def distributed_requested() -> bool:
     """True under torchrun / ``--nproc`` (WORLD_SIZE > 1) or when a process group of several ranks exists."""
@@ -60,7 +60,8 @@ def distributed_requested() -> bool:
 
 def setup(cfg: RunConfig, device: torch.device) -> SingleProcess:
     """The run layout for this process: ``DistributedRun`` when launched on several processes (the process group
-    is created here unless one exists), else ``SingleProcess``. Returns the device to use as ``layout.device``."""
+    is created here unless one exists; on CUDA each process takes ``cuda:LOCAL_RANK``), else ``SingleProcess``.
+    The device to train on is ``layout.device``."""
     if not distributed_requested():
         return SingleProcess(device)
     return DistributedRun.start(cfg, device)
@@ -77,10 +78,6 @@ class SingleProcess:
         self.device = device
 
     # -------------------------------------------------------------------------------------------- set-up / data
-    def check_config(self, cfg: RunConfig) -> None:
-        """Fail before the first step unless the layout fits ``cfg`` (and, on several processes, every rank runs
-        the same config)."""
-
     def main_first(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the main rank, then on the others (so they find its caches filled)."""
         return fn()
@@ -166,9 +163,8 @@ class DistributedRun(SingleProcess):
     def start(cls, cfg: RunConfig, device: torch.device) -> DistributedRun:
         """Join (or create, from torchrun's environment) the process group and check the layout against ``cfg``."""
         pc = cfg.parallel
-        if device.type == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            device = torch.device("cuda", device.index if device.index is not None else local_rank)
+        if device.type == "cuda":  # one GPU per process on each machine
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         owns = not dist.is_initialized()
         if owns:
@@ -308,8 +304,7 @@ def check_layout(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"parallel.ep = {ep} does not divide the {world} processes: the processes form a "
                           f"(dp, ep) grid with dp * ep = {world}; use an ep that divides {world}")
     experts = cfg.model.moe.num_experts
-    sparse = cfg.model.encoder_sparse_step > 0 or cfg.model.decoder_sparse_step > 0
-    if ep > 1 and not sparse:
+    if ep > 1 and not cfg.model.is_sparse:
         raise ConfigError(f"parallel.ep = {ep} but the model has no Switch layer; use parallel.ep=1 for a dense "
                           "model")
     if experts % ep:
