@@ -136,6 +136,8 @@ class LogWindow:
     seconds: float = 0.0
     loss: float = 0.0
     lm_loss: float = 0.0
+    finite_steps: int = 0
+    """Steps whose loss was finite: the ones ``loss`` and ``lm_loss`` sum over."""
     router: RouterStats = field(default_factory=RouterStats)
 
 
@@ -467,7 +469,9 @@ class Trainer:
         self.state.tokens_seen += sum(batch_tokens(b) for b in micro)
         self.session_seconds += dt
         w = self.window
-        w.steps, w.seconds, w.loss, w.lm_loss = w.steps + 1, w.seconds + dt, w.loss + loss_sum, w.lm_loss + lm_sum
+        w.steps, w.seconds = w.steps + 1, w.seconds + dt
+        if not bad_losses:  # a skipped non-finite step leaves the window's mean loss alone
+            w.loss, w.lm_loss, w.finite_steps = w.loss + loss_sum, w.lm_loss + lm_sum, w.finite_steps + 1
         if self.bar is not None:
             self.bar.update(1)
         return StepOutcome(loss_sum, lm_sum, self.grad_norm, dt, nonfinite)
@@ -499,7 +503,7 @@ class Trainer:
         """Write the 'train' record of the steps since the last one, and start a new window."""
         w, step = self.window, self.state.step
         rs = self.layout.reduce_router(w.router).summary()
-        n = max(w.steps, 1)
+        n = w.finite_steps or float("nan")  # NaN: every step of the window was skipped as non-finite
         rec = {"kind": "train", "step": step, "loss": w.loss / n, "lm_loss": w.lm_loss / n,
                "lr": lr_at(step - 1, self.cfg.optim, self.tc.steps), "grad_norm": self.grad_norm,
                "tokens_per_s": w.tokens / max(w.seconds, 1e-9), "train_seconds": self.state.train_seconds,
