@@ -40,10 +40,10 @@ def _settings(quick: bool) -> dict:
                      "finetune.target_length=16")}
 
 
-def pretrain_sources(name: str, runs_root: Path, data, *, quick: bool, print_fn: Callable[[str], None]) -> dict:
-    """Pre-train (or reuse) the dense and Switch sources; returns {kind: run directory}."""
-    from switchformer.reproduce.runner import train_run
-
+def pretrain_sources(name: str, runs_root: Path, data, *, quick: bool, print_fn: Callable[[str], None],
+                     train_run: Callable[..., dict]) -> dict:
+    """Pre-train (or reuse) the dense and Switch sources with the runner's ``train_run``; returns {kind: run
+    directory}."""
     steps = _settings(quick)["pretrain_steps"]
     out = {}
     for kind, overrides in SOURCES.items():
@@ -110,9 +110,10 @@ def finetune_run(exp: Experiment, arm_name: str, seed: int, source: Path, run_di
 
 
 def run_finetune_experiment(exp: Experiment, plan: list, runs_root: Path, data, *, quick: bool,
-                            print_fn: Callable[[str], None]) -> list[dict]:
-    """Every (arm, seed) of a fine-tuning experiment (Table 4), after pre-training its two sources."""
-    sources = pretrain_sources(exp.name, runs_root, data, quick=quick, print_fn=print_fn)
+                            print_fn: Callable[[str], None], train_run: Callable[..., dict]) -> list[dict]:
+    """Every (arm, seed) of a fine-tuning experiment (Table 4), after pre-training its two sources with the
+    runner's ``train_run`` (passed in: the runner imports this module)."""
+    sources = pretrain_sources(exp.name, runs_root, data, quick=quick, print_fn=print_fn, train_run=train_run)
     runs = []
     for i, (arm, seed) in enumerate(plan, 1):
         kind = exp.extra["sources"][arm.name]

@@ -370,7 +370,8 @@ def run_experiment(
     if "finetune" in exp.requires:
         from switchformer.reproduce.finetuning import run_finetune_experiment
 
-        runs = run_finetune_experiment(exp, plan, runs_root, data, quick=quick, print_fn=print_fn)
+        runs = run_finetune_experiment(exp, plan, runs_root, data, quick=quick, print_fn=print_fn,
+                                       train_run=train_run)
         plan = []
     for i, (arm, seed) in enumerate(plan, 1):
         cfg = arm_config(exp, arm.name, seed, quick=quick, steps=steps)
