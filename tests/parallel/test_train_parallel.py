@@ -207,3 +207,14 @@ def test_sharded_adafactor_is_torch_adafactor_on_whole_tensors():
         for a, b in zip(ours, ref, strict=True):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (a.shape, (a - b).abs().max())
         assert opt_ours.state_dict()["state"].keys() == opt_ref.state_dict()["state"].keys()
+
+
+def test_four_processes_ep2_tp2_train_like_one(pool4, out_dir):
+    """ep=2 x tp=2: attention heads split over "tp" (with AdamW; Adafactor refuses tp > 1), two data shards."""
+    extra = ("optim.name=adamw", "optim.lr=0.01")
+    ref_dir = out_dir / "ref2-adamw-tp"
+    weights = _train_float64(_cfg(out_dir, f"model.moe.group_size={BATCH // 2 * SEQ}", *extra), ref_dir)
+    reference = {2: (weights, _records(ref_dir, "train"), _records(ref_dir, "eval"))}
+    run_dir = out_dir / "w4-ep2-tp2"
+    weights = pool4.run(_rank_train, _cfg(out_dir, "parallel.ep=2", "parallel.tp=2", *extra), run_dir)[0]
+    _compare(reference, 2, run_dir, weights)

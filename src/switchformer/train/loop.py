@@ -435,7 +435,7 @@ class Trainer:
             batch = self.layout.local(global_batch)
             with _autocast(self.device, tc.precision):
                 out, entropy = routed_forward(self.model, batch)
-            lm = lm_nll(out.logits, batch) * self.layout.world / max(label_count(global_batch), 1)
+            lm = lm_nll(out.logits, batch) * self.layout.shards / max(label_count(global_batch), 1)
             loss = lm + out.aux_loss if getattr(out, "aux_loss", None) is not None else lm
             if not torch.isfinite(loss.detach()):
                 bad_losses += 1
@@ -447,7 +447,7 @@ class Trainer:
             self.window.tokens += batch_tokens(global_batch)
         # mean over ranks = the global losses; the count makes the non-finite decision the same on every rank
         loss_sum, lm_sum, bad_losses = self.layout.sum([loss_sum, lm_sum, bad_losses])
-        loss_sum, lm_sum = loss_sum / self.layout.world, lm_sum / self.layout.world
+        loss_sum, lm_sum = loss_sum / self.layout.shards, lm_sum / self.layout.shards
         self.grad_norm = float("nan")
         if bad_losses:
             nonfinite, loss_sum, lm_sum = "loss", float("nan"), float("nan")

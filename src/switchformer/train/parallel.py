@@ -72,6 +72,9 @@ class SingleProcess:
 
     rank = 0
     world = 1
+    shards = 1
+    """Ranks that train on different rows of each batch (dp * ep; the "tp" ranks of one shard share its rows)."""
+    shard = 0
     is_main = True
 
     def __init__(self, device: torch.device) -> None:
@@ -145,19 +148,28 @@ class SingleProcess:
 
 
 class DistributedRun(SingleProcess):
-    """N processes on a ("dp", "ep") mesh (``switchformer train --nproc N``, torchrun)."""
+    """N processes on a ("dp", "ep") mesh, or ("dp", "ep", "tp") with tensor parallelism (``switchformer train
+    --nproc N``, torchrun)."""
 
-    def __init__(self, device: torch.device, ep: int, owns_group: bool, timeout_s: float) -> None:
+    def __init__(self, device: torch.device, ep: int, owns_group: bool, timeout_s: float, tp: int = 1) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         super().__init__(device)
         self.timeout_s = timeout_s
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.ep = ep
-        self.dp = self.world // ep
+        self.ep, self.tp = ep, tp
+        self.dp = self.world // (ep * tp)
         self.owns_group = owns_group
-        self.mesh = init_device_mesh(device.type, (self.dp, self.ep), mesh_dim_names=("dp", "ep"))
+        if tp > 1:
+            self.mesh = init_device_mesh(device.type, (self.dp, ep, tp), mesh_dim_names=("dp", "ep", "tp"))
+            # the "tp" ranks of one data shard compute the same losses and statistics: reduce over shards only
+            self._data_group = self.mesh["dp", "ep"]._flatten("dp_ep").get_group()
+        else:
+            self.mesh = init_device_mesh(device.type, (self.dp, ep), mesh_dim_names=("dp", "ep"))
+            self._data_group = None
+        self.shards = self.dp * ep
+        self.shard = self.mesh.get_local_rank("dp") * ep + self.mesh.get_local_rank("ep")
 
     @classmethod
     def start(cls, cfg: RunConfig, device: torch.device) -> DistributedRun:
@@ -181,7 +193,7 @@ class DistributedRun(SingleProcess):
 
             check_same_config(dataclasses.asdict(cfg), what="the run config")
             check_layout(cfg, world)
-            return cls(device, pc.ep, owns, pc.timeout_s)
+            return cls(device, pc.ep, owns, pc.timeout_s, pc.tp)
         except BaseException:
             if owns:
                 dist.destroy_process_group()
@@ -214,16 +226,17 @@ class DistributedRun(SingleProcess):
 
     def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         rows = next(iter(batch.values())).shape[0]
-        per = rows // self.world
-        return {k: v[self.rank * per:(self.rank + 1) * per] for k, v in batch.items()}
+        per = rows // self.shards
+        return {k: v[self.shard * per:(self.shard + 1) * per] for k, v in batch.items()}
 
     def stream_seed(self, seed: int) -> int:
-        # rank 0 keeps the one-process stream; the others draw independent dropout/jitter noise
-        return seed + self.rank
+        # shard 0 keeps the one-process stream; other shards draw independent dropout/jitter noise. The "tp" ranks
+        # of a shard share theirs: dropout on their replicated activations must drop the same elements.
+        return seed + self.shard
 
     def sum(self, values: Sequence[float]) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self._data_group)
         return t.tolist()
 
     def reduce_router(self, stats: RouterStats) -> RouterStats:
@@ -232,7 +245,7 @@ class DistributedRun(SingleProcess):
                    stats.num_results]
         parts = [torch.tensor(scalars, dtype=torch.float64)] + [stats.tokens_per_expert[n].double() for n in names]
         flat = torch.cat(parts).to(self._comm_device)
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self._data_group)
         flat = flat.cpu()
         out = RouterStats()
         (out.dropped, out.routed, out.entropy_sum, out.entropy_count, out.lb_sum, out.z_sum,
@@ -299,10 +312,22 @@ class DistributedRun(SingleProcess):
 
 def check_layout(cfg: RunConfig, world: int) -> None:
     """One-line errors for layouts that cannot work, before anything is built."""
-    ep, bs = cfg.parallel.ep, cfg.train.batch_size
-    if world % ep:
-        raise ConfigError(f"parallel.ep = {ep} does not divide the {world} processes: the processes form a "
-                          f"(dp, ep) grid with dp * ep = {world}; use an ep that divides {world}")
+    ep, tp, bs = cfg.parallel.ep, cfg.parallel.tp, cfg.train.batch_size
+    if world % (ep * tp):
+        raise ConfigError(f"parallel.ep * parallel.tp = {ep * tp} does not divide the {world} processes: the "
+                          f"processes form a (dp, ep, tp) grid with dp * ep * tp = {world}; choose ep and tp whose "
+                          f"product divides {world}")
+    if tp > 1:
+        mc = cfg.model
+        for name, value in (("num_heads", mc.num_heads), ("d_ff", mc.d_ff)):
+            if value % tp:
+                raise ConfigError(f"parallel.tp = {tp} does not divide model.{name} = {value}: tensor parallelism "
+                                  f"splits attention heads and dense FFN units over tp ranks")
+        if cfg.optim.name == "adafactor":
+            raise ConfigError("parallel.tp > 1 needs optim.name=adamw: Adafactor's factored statistics are not "
+                              "implemented for weights split along their last dimension (row-parallel layers)")
+        if mc.switch_attention:
+            raise ConfigError("parallel.tp > 1 cannot split Switch attention (model.switch_attention); use tp=1")
     experts = cfg.model.moe.num_experts
     if ep > 1 and not cfg.model.is_sparse:
         raise ConfigError(f"parallel.ep = {ep} but the model has no Switch layer; use parallel.ep=1 for a dense "
@@ -310,9 +335,10 @@ def check_layout(cfg: RunConfig, world: int) -> None:
     if experts % ep:
         raise ConfigError(f"parallel.ep = {ep} does not divide model.moe.num_experts = {experts}; every "
                           "expert-parallel rank holds the same number of experts")
-    if bs % world:
-        raise ConfigError(f"train.batch_size = {bs} (the global batch) does not split over {world} processes; use "
-                          f"a multiple of {world}, e.g. {world * max(bs // world, 1)}")
+    shards = world // tp
+    if bs % shards:
+        raise ConfigError(f"train.batch_size = {bs} (the global batch) does not split over {shards} data shards "
+                          f"(processes / tp); use a multiple of {shards}, e.g. {shards * max(bs // shards, 1)}")
 
 
 def _load_distributed(layout: SingleProcess, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -517,4 +543,5 @@ def describe(layout: Any) -> str:
     """'2 processes (dp=1 x ep=2)' or '' for one process: for the run's first console line."""
     if layout.world == 1:
         return ""
-    return f"{layout.world} processes (dp={layout.dp} x ep={layout.ep})"
+    tp = getattr(layout, "tp", 1)
+    return f"{layout.world} processes (dp={layout.dp} x ep={layout.ep}{f' x tp={tp}' if tp > 1 else ''})"
