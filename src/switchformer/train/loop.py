@@ -412,6 +412,15 @@ class Trainer:
         """The ``grad_accum`` (global) micro-batches of the next step, on the device."""
         return [_to(next(self._batches), self.device) for _ in range(self.tc.grad_accum)]
 
+    def batch_loss(self, out: Any, batch: dict[str, torch.Tensor],
+                   global_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM loss, training loss) of one micro-batch: the LM loss is the mean NLL over the global micro-batch's
+        real labels (this rank's sum scaled by processes / global label tokens), the training loss adds the
+        model's auxiliary losses. A subclass may change the objective (``switchformer.train.distill``)."""
+        lm = lm_nll(out.logits, batch) * self.layout.shards / max(label_count(global_batch), 1)
+        loss = lm + out.aux_loss if getattr(out, "aux_loss", None) is not None else lm
+        return lm, loss
+
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         """One optimizer step over ``micro``: forward and backward per micro-batch, finiteness check, gradient
         clipping, the scheduled learning rate and the update; advances the counters and the log window.
@@ -435,8 +444,7 @@ class Trainer:
             batch = self.layout.local(global_batch)
             with _autocast(self.device, tc.precision):
                 out, entropy = routed_forward(self.model, batch)
-            lm = lm_nll(out.logits, batch) * self.layout.shards / max(label_count(global_batch), 1)
-            loss = lm + out.aux_loss if getattr(out, "aux_loss", None) is not None else lm
+            lm, loss = self.batch_loss(out, batch, global_batch)
             if not torch.isfinite(loss.detach()):
                 bad_losses += 1
             else:
