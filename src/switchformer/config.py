@@ -256,9 +256,21 @@ class DataConfig:
     """Mean corrupted span length (T5 default)."""
     seed: int = 0
     """Seed of the data order and of the corruption noise."""
+    languages: dict[str, str] = field(default_factory=dict)
+    """Multilingual corpus, one source per language: {language code: source}, each source any data.corpus form
+    or 'fortunes:LANG' (Debian's fortunes-* packages). Replaces data.corpus when set; TOML:
+    [data.languages] de = "fortunes:de"; override: data.languages={de="fortunes:de", en="fortunes:en"}."""
+    language_field: str | None = None
+    """JSONL field naming each record's language (data.corpus must be .jsonl files): a mixed-language corpus."""
+    language_temperature: float = 1 / 0.3
+    """Language sampling temperature T of a multilingual corpus: p_l ~ n_l^(1/T) (n_l: characters); mT5 uses
+    alpha = 1/T = 0.3. 1 keeps the natural mixture; larger T moves towards uniform."""
+    max_bytes_per_language: int | None = None
+    """Cap on the bytes read per language of a multilingual corpus (None: everything)."""
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
+        _check_languages(self)
         _check_nonempty(self, "data", "corpus")
         _check_nonempty(self, "data", "text_field")
         _check_range(self, "data", "val_fraction", ge=0.0, lt=1.0, hint="training needs a validation split > 0")
@@ -271,6 +283,34 @@ class DataConfig:
         _check_range(self, "data", "noise_density", gt=0.0, lt=1.0)
         _check_range(self, "data", "mean_noise_span_length", ge=1.0)
         _check_range(self, "data", "seed", ge=0)
+
+
+_LANGUAGE_CODE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _check_languages(cfg: DataConfig) -> None:
+    """Validate the multilingual fields of ``data`` (see ``switchformer.data.multilingual``)."""
+    langs = cfg.languages
+    if not isinstance(langs, dict):
+        raise ConfigTypeError(f"data.languages: expected a table {{language = source}}, got {langs!r}; e.g. "
+                              'data.languages={de="fortunes:de", en="fortunes:en"}')
+    for code, source in langs.items():
+        if not isinstance(code, str) or not code or not set(code) <= _LANGUAGE_CODE_CHARS:
+            raise ConfigError(f"data.languages: language code {code!r} must be letters, digits, '_' or '-' "
+                              "(e.g. de, en, zh-Hans)")
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError(f"data.languages.{code}: expected a source string (a path, glob or 'fortunes:{code}'), "
+                              f"got {source!r}")
+    if cfg.language_field is not None and not cfg.language_field.strip():
+        raise ConfigError("data.language_field is empty; name the JSONL field holding the language, or none")
+    if langs and cfg.language_field is not None:
+        raise ConfigError("data.languages and data.language_field are two ways to tag languages; set one of them "
+                          "(data.language_field=none to use data.languages)")
+    if langs and cfg.max_bytes is not None:
+        raise ConfigError("data.max_bytes caps one corpus; with data.languages cap each language with "
+                          "data.max_bytes_per_language (and set data.max_bytes=none)")
+    _check_range(cfg, "data", "language_temperature", gt=0.0, hint="mT5: 1/0.3; 1 = the natural mixture")
+    _check_range(cfg, "data", "max_bytes_per_language", ge=1, hint="or none for whole languages")
 
 
 @dataclass
@@ -767,7 +807,7 @@ def apply_overrides(cfg, overrides: list[str]):
 def _accepts_str(tp) -> bool:
     import typing
 
-    return tp is str or str in typing.get_args(tp)
+    return tp is str or (typing.get_origin(tp) is not dict and str in typing.get_args(tp))  # dict[str, str]: a table
 
 
 def to_dict(cfg) -> dict:
