@@ -12,7 +12,8 @@ parallelism as in §5.4):
   shards sees its own tokens_per_batch / (dp * ep) tokens.
 - **tp** is model parallelism in the sense of paper §5.2-5.5: the attention heads, the dense FFN's d_ff and each
   expert's d_ff are split t ways, at the price of an all-reduce of the [tokens, d_model] activations per sublayer
-  in the forward and the backward pass. ``parallelize`` runs tp = 1 layouts; tp > 1 rows are estimates only
+  in the forward and the backward pass. ``parallelize``'s tensor parallelism splits attention and dense FFNs but
+  keeps experts whole on each tp rank, so tp > 1 rows (experts split too, as in §5.5) are estimates only
   (``Plan.runs_in_library``).
 - Dense (non-expert) weights are data-parallel over all dp * ep shards: FSDP2 as ``parallelize`` applies it (one
   unit for the whole model, so the full dense weights and their gradients are materialised during the step and
@@ -547,8 +548,8 @@ def format_plans(name: str, cfg: ModelConfig, plans: list[Plan], hw: Hardware, w
             f"{_gb(p.alltoall_bytes):>7} {_gb(p.grad_reduce_bytes + p.tp_bytes):>7} {p.step_s:>8.4g} "
             f"{p.compute_s:>7.3g} {comm:>7.3g} {p.tokens_per_s:>10.4g}{mark}")
     if any(not p.runs_in_library for p in shown):
-        lines.append("* tp > 1 (model parallelism, paper §5.5): an estimate; parallelize runs tp = 1 layouts "
-                     "(--max-tp 1 lists only those)")
+        lines.append("* tp > 1 (model parallelism with experts split t ways, paper §5.5): an estimate; parallelize "
+                     "keeps experts whole on each tp rank (--max-tp 1 lists only layouts it runs exactly)")
     return "\n".join(lines)
 
 
