@@ -6,6 +6,7 @@
     switchformer train --resume runs/switch train.steps=1200
     switchformer compare                                 # also trains the FLOP-matched dense model; speed-up report
     switchformer finetune runs/switch --task stdlib-name           # fine-tune a run (or a checkpoint, a Hub id)
+    switchformer distill runs/switch                     # distil into a dense student; share of the gain kept
     switchformer eval runs/switch
     switchformer generate runs/switch --prompt "def <extra_id_0>(self):"
     switchformer plot runs/switch runs/switch-dense --out plots/
@@ -282,6 +283,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from switchformer.runtime import tune_malloc_once
+    from switchformer.train.distill import RESULTS_MD, distill
+
+    tune_malloc_once()
+    items = list(args.overrides)
+    if not items or "=" in items[0]:
+        raise ConfigError("distill needs TEACHER: a run directory or a transformers-format directory, e.g. "
+                          "switchformer distill runs/switch")
+    bad = [it for it in items[1:] if "=" not in it]
+    if bad:
+        raise ConfigError(f"distill takes one TEACHER, then KEY=VALUE overrides; got {' '.join(bad)!r} too")
+    result = distill(items[0], student=args.student, task=args.task, overrides=items[1:], baseline=args.baseline,
+                     out_dir=args.out)
+    kept = result.results.get("kept_percent")
+    print(f"done: the student keeps {'n/a' if kept is None else f'{kept:.1f}%'} of the teacher's gain; results in "
+          f"{result.out_dir / RESULTS_MD}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchformer", description="Switch Transformers: train, compare with dense, evaluate, generate, plot."
@@ -340,6 +361,25 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue the fine-tuning run RUN_DIR exactly from its newest checkpoint")
     p.add_argument("--run-dir", help="run directory (default runs/<source name>-<task>, suffixed -2, -3... if taken)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("distill", parents=[common],
+                       help="distil a Switch model into a dense student; report the share of its gain kept",
+                       description="Train a dense student (default: the teacher's FLOP-matched dense counterpart) "
+                       "whose non-expert weights start as the teacher's, on 0.75 x the labels' cross-entropy + "
+                       "0.25 x the teacher's probabilities (paper §4.2, Table 6); train the same student from "
+                       "scratch on the same batches; write distill_results.json/.md with the share of the teacher's "
+                       "gain the student keeps (docs/distillation.md).")
+    p.add_argument("overrides", nargs="*", metavar="TEACHER [KEY=VALUE ...]",
+                   help="the teacher (a run directory or a transformers-format directory), then dotted overrides, "
+                        "e.g. train.steps=300 distill.soft_fraction=0.25 distill.temperature=2.0")
+    p.add_argument("--student", help="a preset name or a TOML recipe (its model section) for the student "
+                   "(default: the teacher with every block dense)")
+    p.add_argument("--task", help="distil on a fine-tuning task (as in switchformer finetune --task) instead of the "
+                   "pretraining corpus")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="a finished run of the dense student from scratch to "
+                   "compare with, instead of training one")
+    p.add_argument("--out", help="output folder (default runs/<teacher name>-distill, suffixed -2, -3... if taken)")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", parents=[common],
                        help="validation loss / neg log perplexity of a run's newest checkpoint")
