@@ -10,6 +10,11 @@
   column; a directory written by ``datasets``' ``save_to_disk`` is read with ``datasets``; any other file is UTF-8
   text and one document.
 - ``hf:NAME[:CONFIG]``: the train split of a Hugging Face dataset, streamed (needs ``datasets`` and network).
+- ``fortunes:LANG``: the fortunes of Debian's ``fortunes``/``fortunes-LANG`` packages, one document per fortune
+  (``switchformer.data.multilingual``).
+
+With ``data.languages`` or ``data.language_field`` the corpus is multilingual: each language is read and split on
+its own and the training documents are mixed with mT5's temperature sampling (``switchformer.data.multilingual``).
 
 Documents go to validation when a hash of their name (path relative to the corpus root, plus ``#line`` for JSONL
 records) falls below ``val_fraction``: deterministic, independent of the seed and of the other files. A corpus of
@@ -405,6 +410,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.languages or cfg.language_field is not None:
+        from switchformer.data.multilingual import load_multilingual_corpus  # noqa: PLC0415  (builds on this module)
+
+        return load_multilingual_corpus(cfg)
     spec = cfg.corpus.strip()
     if not spec:
         raise DataError("data.corpus is empty; use 'stdlib', paths/globs, or hf:NAME")
@@ -438,6 +447,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                         "(set data.max_bytes to change)"
                     )
                 take_all(_hub_documents(part, cfg.text_field))
+                num_files += 1
+                continue
+            if part.startswith("fortunes:"):
+                from switchformer.data.multilingual import fortunes_documents  # noqa: PLC0415
+
+                take_all(fortunes_documents(part[len("fortunes:") :].strip(), notes))
                 num_files += 1
                 continue
             for path, name in _expand(part):
