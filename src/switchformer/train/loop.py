@@ -82,6 +82,8 @@ class Components:
     train_loader: Any
     val_batches: list[dict[str, torch.Tensor]]
     corpus_summary: str = ""
+    val_langs: list[str] | None = None
+    """Language of each validation batch (a multilingual corpus), else None."""
 
 
 @dataclass
@@ -164,13 +166,20 @@ def build_components(cfg: RunConfig, device: torch.device) -> Components:
     model = build_model(model_cfg).to(device)
     bs, arch = cfg.train.batch_size, model_cfg.arch
     train_loader = make_loader(cfg.data, tok, corpus.train_texts, bs, "train", arch, cache_dir=cache)
-    val_loader = make_loader(cfg.data, tok, corpus.val_texts, bs, "val", arch, cache_dir=cache)
-    # the same fixed batches at every evaluation (the start of the validation split)
-    val_batches = list(val_loader.epoch_batches(cfg.train.eval_batches))
+    val_langs = None
+    if getattr(corpus, "val_langs", None):  # multilingual: up to eval_batches batches of every language
+        from switchformer.data.multilingual import language_val_batches
+
+        val_batches, val_langs = language_val_batches(cfg.data, tok, corpus, bs, arch, cache_dir=cache,
+                                                      max_batches=cfg.train.eval_batches)
+    else:
+        val_loader = make_loader(cfg.data, tok, corpus.val_texts, bs, "val", arch, cache_dir=cache)
+        # the same fixed batches at every evaluation (the start of the validation split)
+        val_batches = list(val_loader.epoch_batches(cfg.train.eval_batches))
     if not val_batches:
         raise DataError("the validation split produced no batch: raise data.val_fraction or use a larger corpus")
     summary = corpus.summary() if hasattr(corpus, "summary") else ""
-    return Components(model, model_cfg, tok, train_loader, val_batches, summary)
+    return Components(model, model_cfg, tok, train_loader, val_batches, summary, val_langs)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -260,37 +269,56 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, precision: str = "float32",
-    layout: SingleProcess | None = None,
+    layout: SingleProcess | None = None, langs: list[str] | None = None,
 ) -> dict:
     """Validation metrics over ``batches`` (eval mode: no jitter/dropout, eval capacity factor). On several
     processes (``layout``) each rank evaluates its rows of every batch and the sums are all-reduced.
 
+    ``langs`` (the language of each batch, a multilingual corpus) adds the same loss per language; the overall
+    val_loss stays the mean over every validation token, i.e. the token-weighted mean of the languages' losses.
+
     Returns:
         dict with val_loss (nats per target token), neg_log_perplexity (= -val_loss, paper §3, footnote 4),
-        val_ppl, drop_fraction, router_entropy, load_entropy, tokens_per_expert {layer: [E]}.
+        val_ppl, drop_fraction, router_entropy, load_entropy, tokens_per_expert {layer: [E]}; with ``langs``
+        also val_loss_by_lang, neg_log_perplexity_by_lang and val_tokens_by_lang ({language: value}).
     """
+    if langs is not None and len(langs) != len(batches):
+        raise ValueError(f"evaluate: {len(langs)} languages for {len(batches)} batches")
     layout = layout or SingleProcess(device)
     was_training = model.training
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64)
     n_tokens = 0
     stats = RouterStats()
+    lang_names = sorted(set(langs)) if langs is not None else []
+    lang_nll, lang_tokens = [0.0] * len(lang_names), [0] * len(lang_names)
     # fork the RNG so evaluating never shifts the training random stream (exact resume)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = _to(layout.local(batch), device)
             with _autocast(device, precision):
                 out, entropy = routed_forward(model, batch)
-            nll_sum += lm_nll(out.logits, batch).double().cpu()
+            nll = lm_nll(out.logits, batch).double().cpu()
+            nll_sum += nll
             n_tokens += label_count(batch)
+            if langs is not None:
+                j = lang_names.index(langs[i])
+                lang_nll[j] += float(nll)
+                lang_tokens[j] += label_count(batch)
             stats.add(getattr(out, "router", None), entropy)
     model.train(was_training)
-    nll_total, n_tokens = layout.sum([float(nll_sum), n_tokens])
+    nll_total, n_tokens, *per_lang = layout.sum([float(nll_sum), n_tokens, *lang_nll, *lang_tokens])
     n_tokens = int(n_tokens)
     stats = layout.reduce_router(stats)
     val_loss = nll_total / max(n_tokens, 1)
     rec = {"val_loss": val_loss, "neg_log_perplexity": -val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     rec["val_tokens"] = n_tokens
+    if lang_names:
+        nlls, counts = per_lang[: len(lang_names)], per_lang[len(lang_names):]
+        losses = {lg: nll / max(int(c), 1) for lg, nll, c in zip(lang_names, nlls, counts, strict=True)}
+        rec["val_loss_by_lang"] = losses
+        rec["neg_log_perplexity_by_lang"] = {lg: -v for lg, v in losses.items()}
+        rec["val_tokens_by_lang"] = {lg: int(c) for lg, c in zip(lang_names, counts, strict=True)}
     rec.update(stats.summary())
     return rec
 
@@ -527,7 +555,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Evaluate on the fixed validation batches, log the 'eval' record and print one line."""
-        ev = evaluate(self.model, self.comp.val_batches, self.device, self.tc.precision, self.layout)
+        ev = evaluate(self.model, self.comp.val_batches, self.device, self.tc.precision, self.layout,
+                      langs=getattr(self.comp, "val_langs", None))
         s = self.state
         ev.update({"kind": "eval", "step": s.step, "train_seconds": s.train_seconds, "tokens_seen": s.tokens_seen})
         self.logger.log(ev)
@@ -535,6 +564,9 @@ class Trainer:
         drop = f", dropped {ev['drop_fraction']:.2%}" if "drop_fraction" in ev else ""
         self.say(f"step {s.step:>6}  val loss {ev['val_loss']:.4f}  neg log perplexity "
                  f"{ev['neg_log_perplexity']:.4f}{drop}  ({s.train_seconds:.0f}s)")
+        if "val_loss_by_lang" in ev:
+            self.say("        val loss by language: " + ", ".join(f"{lg} {v:.4f}"
+                                                              for lg, v in ev["val_loss_by_lang"].items()))
         return ev
 
     def save(self) -> Path:
