@@ -105,3 +105,27 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
         if p is not None:
             out.append(p)
     return out
+
+
+def plot_language_speedups(by_language: dict[str, dict], out_png: str | os.PathLike) -> Path:
+    """Bar chart of the per-language step speedup of Switch over dense (``compare``'s ``by_language``; paper
+    Figs. 7-8). A language where Switch never reached dense's final loss gets an empty bar marked 'not reached'."""
+    plt = _plt()
+    langs = list(by_language)
+    values = [by_language[lg]["step_speedup"] or 0.0 for lg in langs]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(langs) + 2), 4))
+    bars = ax.bar(langs, values, color=["C0" if by_language[lg]["step_speedup"] else "C3" for lg in langs])
+    for bar, lg in zip(bars, langs, strict=True):
+        v = by_language[lg]["step_speedup"]
+        ax.annotate(f"{v:.2f}x" if v else "not reached", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="grey", lw=1, ls="--")
+    ax.set_ylabel("step speedup of Switch over dense\n(dense steps / Switch steps to dense's final loss)")
+    ax.set_xlabel("language")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -7,6 +7,11 @@ same optimizer and schedule. The report says how many times fewer steps, and how
 (evaluation excluded), the Switch model needs to reach the dense model's final validation loss; crossings are
 linearly interpolated between evaluation points.
 
+On a multilingual corpus (``data.languages`` or ``data.language_field``; the eval records carry
+``val_loss_by_lang``) the report adds, per language, the step speedup to the dense model's final loss *in that
+language* (``language_speedups``: the paper's Figs. 7-8, where mSwitch-Base beats mT5-Base on all 101 languages with
+a mean 5x step speedup, paper §4.3), and ``compare_language_speedup.png`` draws them as bars.
+
 ``wide_dense=K`` (``switchformer compare --wide-dense K``) also trains a dense model whose FFNs are K times wider
 (every parameter active, K times the FFN FLOPs). It is a reference point, not a baseline: a Switch layer adds FFN
 parameters at constant FLOPs, so where even the wider dense model is no faster to the dense loss, the budget is
@@ -82,6 +87,26 @@ def crossing(evals: list[dict], target: float, x: str = "step") -> float | None:
     return None
 
 
+def language_speedups(switch_evals: list[dict], dense_evals: list[dict]) -> dict[str, dict]:
+    """Per language: the steps Switch needs to reach the dense model's final validation loss in that language
+    (linearly interpolated, as ``crossing``) and the step speedup, dense steps / Switch steps (paper §4.3, Figs.
+    7-8; footnote 9). Empty when the runs have no per-language losses.
+    """
+    if not switch_evals or not dense_evals or "val_loss_by_lang" not in dense_evals[-1]:
+        return {}
+    dense_steps = float(dense_evals[-1]["step"])
+    out = {}
+    for lang, target in dense_evals[-1]["val_loss_by_lang"].items():
+        curve = [{"step": r["step"], "val_loss": r["val_loss_by_lang"][lang]} for r in switch_evals
+                 if lang in r.get("val_loss_by_lang", {})]
+        if not curve:
+            continue
+        steps = crossing(curve, target, "step")
+        out[lang] = {"dense_final_val_loss": target, "switch_final_val_loss": curve[-1]["val_loss"],
+                     "switch_steps_to_dense_loss": steps, "step_speedup": dense_steps / steps if steps else None}
+    return out
+
+
 def median_tokens_per_s(run_dir: str | Path) -> float:
     """Median training throughput of a run (the first log window, with warm-up, is left out when possible)."""
     vals = [r["tokens_per_s"] for r in read_metrics(run_dir, "train")]
@@ -116,7 +141,17 @@ def summarize(switch_dir: str | Path, dense_dir: str | Path, wide_dir: str | Pat
         "switch_tokens_per_s": sw_tps,
         "dense_tokens_per_s": de_tps,
         "throughput_ratio": sw_tps / de_tps if de_tps else None,
-    } | (_wide_summary(wide_dir, target, de_steps) if wide_dir is not None else {})
+    } | (_wide_summary(wide_dir, target, de_steps) if wide_dir is not None else {}) | _language_summary(sw, de)
+
+
+def _language_summary(sw: list[dict], de: list[dict]) -> dict:
+    by_lang = language_speedups(sw, de)
+    if not by_lang:
+        return {}
+    speedups = [v["step_speedup"] for v in by_lang.values()]
+    return {"by_language": by_lang, "language_step_speedup_mean": mean_over_seeds(speedups),
+            "languages_improved": sum(v["switch_final_val_loss"] < v["dense_final_val_loss"]
+                                      for v in by_lang.values())}
 
 
 def _wide_summary(wide_dir: str | Path, target: float, dense_steps: float) -> dict:
@@ -154,6 +189,17 @@ def format_summary(s: dict) -> str:
     sw_tps, de_tps = s["switch_tokens_per_s"], s["dense_tokens_per_s"]
     lines.append(f"throughput: Switch {sw_tps:.0f} tok/s, dense {de_tps:.0f} tok/s "
                  f"(ratio {s['throughput_ratio']:.2f})")
+    if "by_language" in s:
+        lines.append(f"per language (Switch reaches dense's final loss in that language; paper Figs. 7-8): "
+                     f"{s['languages_improved']} of {len(s['by_language'])} languages end below dense")
+        for lang, v in s["by_language"].items():
+            speed = (f"step speedup {v['step_speedup']:.2f}x" if v["step_speedup"] is not None
+                     else "did not reach it")
+            lines.append(f"  {lang}: dense {v['dense_final_val_loss']:.4f}, Switch {v['switch_final_val_loss']:.4f}; "
+                         f"{speed}")
+        mean = s["language_step_speedup_mean"]
+        if mean is not None:
+            lines.append(f"  mean step speedup over languages {mean:.2f}x")
     if "wide_dense_run" in s:
         ratio = s["wide_dense_step_ratio"]
         lines.append(f"capacity reference: the wider dense model ({Path(s['wide_dense_run']).name}) ends at "
@@ -181,7 +227,7 @@ def compare(
     Returns:
         The ``summarize`` dict plus ``out_dir``.
     """
-    from switchformer.plot import plot_losses, plot_runs
+    from switchformer.plot import plot_language_speedups, plot_losses, plot_runs
     from switchformer.train.loop import train
 
     if not cfg.model.is_sparse:
@@ -220,6 +266,8 @@ def compare(
     plot_losses(runs, out_dir / "compare_loss_by_step.png")
     plot_losses(runs, out_dir / "compare_loss_by_time.png", x="train_seconds")
     plot_runs([sw_dir], out_dir / "plots")
+    if "by_language" in s:
+        plot_language_speedups(s["by_language"], out_dir / "compare_language_speedup.png")
     print_fn(format_summary(s))
     print_fn(f"report: {out_dir / 'compare.json'}")
     return s
