@@ -350,7 +350,8 @@ def results_markdown(results: dict) -> str:
     for key, label in (("teacher", "teacher (Switch)"), ("scratch", "dense from scratch"),
                        ("student", "distilled dense student")):
         r = results[key]
-        rows.append(f"| {label} | {r['parameters']:,} | {r['steps']} | {r['val_loss']:.4f} | "
+        steps = "-" if r["steps"] is None else r["steps"]
+        rows.append(f"| {label} | {r['parameters']:,} | {steps} | {r['val_loss']:.4f} | "
                     f"{r['neg_log_perplexity']:.4f} |" + (f" {r.get(metric, float('nan')):.2f} |" if metric else ""))
     kept = results["kept_percent"]
     lines = [f"Distillation of {results['teacher']['source']} ({results['data']}); "
