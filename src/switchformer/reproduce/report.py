@@ -161,12 +161,14 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
         if s.get("steps_to_reference") and s.get("train_flops_per_step"):
             s["tflops_to_reference"] = s["steps_to_reference"] * s["train_flops_per_step"] / 1e12
     extra = [k for k in ("train_drop_fraction", "tokens_per_s", "max_abs_router_logit", "step_speedup",
-                         "tflops_to_reference", "peak_metric", "last_train_loss", "last_val_loss")
+                         "tflops_to_reference", "peak_metric", "last_train_loss", "last_val_loss", "teacher_quality",
+                         "kept_percent")
              if any(s.get(k) is not None for s in arms.values())]
     head = {"train_drop_fraction": "dropped (train)", "tokens_per_s": "tokens/s", "max_abs_router_logit":
             "max abs router logit", "step_speedup": f"step speedup to {exp.reference[1] if exp.reference else ''}",
             "tflops_to_reference": "training TFLOPs to reach it", "peak_metric": "peak exact match",
-            "last_train_loss": "last train loss", "last_val_loss": "last val loss"}
+            "last_train_loss": "last train loss", "last_val_loss": "last val loss",
+            "teacher_quality": "teacher's quality", "kept_percent": "% of the teacher's gain kept"}
     quality = exp.extra.get("quality", "neg. log perplexity")
     lines += [f"**Ours** ({quality} after {record['steps']} steps; mean ± std over seeds; a diverged run keeps its "
               "untrained quality):", "",
@@ -182,7 +184,7 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
                 cells.append("–" if v is None else f"{v:.0f}")
             elif k == "step_speedup":
                 cells.append("–" if v is None else f"{v:.2f}x")
-            elif k == "peak_metric":
+            elif k in ("peak_metric", "kept_percent"):
                 cells.append("–" if v is None else f"{v:.1f}")
             elif k == "tflops_to_reference":
                 cells.append("–" if v is None else f"{v:.3g}")

@@ -121,15 +121,18 @@ def _eval_point(ev: dict, probe: _RouterLogitProbe) -> dict:
 
 
 def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _DataCache,
-              print_fn: Callable[[str], None] = print, save_checkpoint: bool = False) -> dict:
+              print_fn: Callable[[str], None] = print, save_checkpoint: bool = False, *,
+              trainer_cls: type | None = None, prepare: Callable | None = None, key_extra: str = "") -> dict:
     """Train one run of an arm (or reuse its finished result) and return its result record; ``save_checkpoint``
-    keeps the final weights (a source for fine-tuning)."""
+    keeps the final weights (a source for fine-tuning). ``prepare(components)`` may change the components before
+    training (a distilled student's teacher and initialisation), ``trainer_cls`` replaces ``Trainer``, and
+    ``key_extra`` joins the run's reuse key (e.g. the teacher's)."""
     from switchformer.data import make_loader
     from switchformer.models import build_model
     from switchformer.models.presets import flops_per_sequence
     from switchformer.train.loop import Components, NonFiniteLossError, Trainer, resolve_device
 
-    key = _run_key(cfg, precision) + ("-saved" if save_checkpoint else "")
+    key = _run_key(cfg, precision) + key_extra + ("-saved" if save_checkpoint else "")
     result_file = run_dir / "result.json"
     if result_file.is_file():
         try:
@@ -153,7 +156,9 @@ def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _Da
     train_loader = make_loader(cfg.data, tok, corpus.train_texts, cfg.train.batch_size, "train", model_cfg.arch,
                                cache_dir=data.cache_dir)
     comp = Components(model, model_cfg, tok, train_loader, val_batches, summary)
-    trainer = Trainer(cfg, comp, run_dir, device, print_fn=lambda s: None)
+    if prepare is not None:
+        comp = prepare(comp)
+    trainer = (trainer_cls or Trainer)(cfg, comp, run_dir, device, print_fn=lambda s: None)
     steps = cfg.train.steps
     cooldown = max(1, round(COOLDOWN_FRACTION * steps))
 
@@ -280,7 +285,7 @@ def judge_experiment(exp: Experiment, runs: Sequence[dict], fig12: dict | None =
         summary = {"seeds": [r["seed"] for r in rs], "qualities": q, "mean": mean(q), "std": sample_std(q),
                    "diverged": sum(r["diverged"] for r in rs), "x": a.x, "label": a.title, "precision": a.precision}
         for key in ("tokens_per_s", "train_drop_fraction", "train_flops_per_step", "peak_metric", "last_train_loss",
-                    "last_val_loss"):
+                    "last_val_loss", "teacher_quality", "kept_percent"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             summary[key] = mean(vals) if vals else None
         logits = [e["max_abs_router_logit"] for r in rs for e in r["evals"] if "max_abs_router_logit" in e]
@@ -372,6 +377,12 @@ def run_experiment(
 
         runs = run_finetune_experiment(exp, plan, runs_root, data, quick=quick, print_fn=print_fn,
                                        train_run=train_run)
+        plan = []
+    if "distill" in exp.requires:
+        from switchformer.reproduce.distillation import run_distill_experiment
+
+        runs = run_distill_experiment(exp, plan, runs_root, data, quick=quick, print_fn=print_fn,
+                                      train_run=train_run, steps=steps)
         plan = []
     for i, (arm, seed) in enumerate(plan, 1):
         cfg = arm_config(exp, arm.name, seed, quick=quick, steps=steps)
