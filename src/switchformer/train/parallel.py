@@ -314,9 +314,9 @@ def check_layout(cfg: RunConfig, world: int) -> None:
     """One-line errors for layouts that cannot work, before anything is built."""
     ep, tp, bs = cfg.parallel.ep, cfg.parallel.tp, cfg.train.batch_size
     if world % (ep * tp):
-        raise ConfigError(f"parallel.ep * parallel.tp = {ep * tp} does not divide the {world} processes: the "
-                          f"processes form a (dp, ep, tp) grid with dp * ep * tp = {world}; choose ep and tp whose "
-                          f"product divides {world}")
+        what = f"parallel.ep = {ep}" if tp == 1 else f"parallel.ep * parallel.tp = {ep * tp}"
+        raise ConfigError(f"{what} does not divide the {world} processes: the processes form a (dp, ep, tp) grid "
+                          f"with dp * ep * tp = {world}; choose ep (and tp) so that ep * tp divides {world}")
     if tp > 1:
         mc = cfg.model
         for name, value in (("num_heads", mc.num_heads), ("d_ff", mc.d_ff)):
