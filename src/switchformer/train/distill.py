@@ -445,6 +445,11 @@ def distill(teacher: str, *, student: str | None = None, task: str | None = None
                          overrides=overrides)
     if cfg.model.is_sparse:
         print_fn("note: the student has Switch layers; distillation usually targets a dense model")
+    if cfg.train.max_minutes > 0:
+        # the budget is the step count: a wall-clock cut-off would give the two students different step counts
+        print_fn(f"distill: ignoring train.max_minutes={cfg.train.max_minutes:g}; both students train "
+                 f"{cfg.train.steps} steps")
+        cfg = apply_overrides(cfg, ["train.max_minutes=0"])
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
