@@ -141,14 +141,16 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     metric, s = report["metric"], report["summary"]
     lines = [f"# Fine-tuning with expert dropout (paper Table 4 analog), {report['date']}", "",
+             *([f"**Partial: {len(report['runs'])} of {len(report['runs']) + len(report['missing'])} runs finished; "
+                f"missing: {', '.join(report['missing'])}.**", ""] if report.get("missing") else []),
              f"Task `{report['task']}` ({report['task_description']}): {report['sizes']['train']} train / "
              f"{report['sizes']['validation']} validation ({report['eval_examples']} scored per evaluation) / "
              f"{report['sizes']['test']} test examples; metric {metric} (0-100, higher is better). Source: "
              f"{report['source']}. Every run: dropout 0.1 on the non-expert layers, the expert dropout of its row, "
              f"{report['settings']}. Seeds {report['seeds']} (dropout stream and example order).", "",
-             f"Machine: {report['machine']}; load average {report['load_start']} at the start, "
-             f"{report['load_end']} at the end (a shared machine: wall times vary with the other work on it; the "
-             f"scores do not). Total {report['total_seconds'] / 60:.1f} min.", "",
+             f"Machine: {report['machine']}; load average {report['load_start']} when this invocation started, "
+             f"{report['load_end']} when it ended (a shared machine: wall times vary with the other work on it; the "
+             f"scores do not). The fine-tuning runs took {report['total_seconds'] / 60:.1f} min in all.", "",
              f"| expert dropout | peak validation {metric} (mean ± std, min-max) | minus ed={min(map(float, s)):g}, "
              f"paired by seed | test {metric} of the peak checkpoint | final val loss | final token accuracy |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -156,6 +158,8 @@ def markdown(report: dict) -> str:
     def f(st, digits=2):
         if not st or not st.get("n"):
             return "-"
+        if st["n"] == 1:  # one seed: no spread to show
+            return f"{st['mean']:.{digits}f} (1 seed)"
         return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} ({st['min']:.{digits}f}-{st['max']:.{digits}f})"
 
     for ed, row in s.items():
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=300, help="steps of configs/default.toml (default 300)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 arms, 1 seed: checks the script end to end")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the runs already finished in --runs-dir (a partial report names the "
+                         "missing ones and is written with the suffix _partial)")
     ap.add_argument("--runs-dir", default=None, help="where the runs go (default runs/bench_finetune_<date>)")
     ap.add_argument("--results-dir", default=str(HERE / "results"), help="where the report goes")
     args = ap.parse_args(argv)
@@ -201,10 +208,20 @@ def main(argv: list[str] | None = None) -> int:
         args.pretrain_steps = 20
     torch.set_num_threads(args.threads)
     load_start = round(os.getloadavg()[0], 2)
-    t0 = time.perf_counter()
     source = Path(args.source) if args.source else pretrain(args, runs_dir)
     extra = [*(QUICK_FINETUNE if args.quick else []), *args.overrides]
-    runs = [run_arm(source, args.task, ed, seed, runs_dir, extra, args.threads) for seed in seeds for ed in arms]
+    if args.report_only:
+        wanted = [(ed, seed) for seed in seeds for ed in arms]
+        runs = [run_arm(source, args.task, ed, seed, runs_dir, extra, args.threads) for ed, seed in wanted
+                if (runs_dir / f"{args.task}-ed{ed:g}-seed{seed}" / RESULTS_JSON).is_file()]
+        missing = [f"ed={ed:g} seed {seed}" for ed, seed in wanted
+                   if not (runs_dir / f"{args.task}-ed{ed:g}-seed{seed}" / RESULTS_JSON).is_file()]
+        if not runs:
+            raise SystemExit(f"no finished run in {runs_dir}")
+    else:
+        runs = [run_arm(source, args.task, ed, seed, runs_dir, extra, args.threads) for seed in seeds
+                for ed in arms]
+        missing = []
     first = runs[0]["results"]
     report = {
         "date": date, "task": first["task"], "task_description": first["description"], "metric": first["metric"],
@@ -215,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
                    "threads",
         "load_start": load_start, "load_end": round(os.getloadavg()[0], 2),
-        "total_seconds": time.perf_counter() - t0, "summary": summarize(runs), "runs": runs,
+        "total_seconds": sum(r["seconds"] or 0.0 for r in runs), "summary": summarize(runs), "runs": runs,
+        "missing": missing,
         "paper_table4": [dict(zip(("model", "GLUE", "CNNDM", "SQuAD", "SuperGLUE"), row, strict=True))
                          for row in PAPER_TABLE4],
         "command": "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # a smoke test writes no result file
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"finetune_expert_dropout_cpu_{date}"
+    stem = out / f"finetune_expert_dropout_cpu_{date}{'_partial' if missing else ''}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {stem}.md and .json")
