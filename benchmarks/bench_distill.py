@@ -154,8 +154,10 @@ def markdown(report: dict) -> str:
              f"Teacher: {report['teacher']['parameters']:,} parameters, {report['teacher']['steps']} steps; "
              f"students: {report['student_parameters']:,} parameters (the FLOP-matched dense model), "
              f"{report['steps']} steps, seeds {report['seeds']}; every model of a seed is evaluated on the same "
-             f"validation batches ({report['validation_tokens']} target tokens). Wall time "
-             f"{report['wall_seconds'] / 60:.1f} min. Command: `{report['command']}`.", "",
+             f"validation batches ({report['validation_tokens']} target tokens). Wall time of the runs "
+             f"{report['runs_wall_seconds'] / 60:.1f} min (the teacher's training plus each distill call; this "
+             f"invocation {report['wall_seconds'] / 60:.1f} min, finished runs reused). Command: "
+             f"`{report['command']}`.", "",
              f"Teacher neg. log perplexity (on each seed's validation batches): "
              f"{_fmt(s['teacher_neg_log_perplexity'])}.", "",
              "| arm | neg. log perplexity (mean ± std [min, max]) | % of the teacher's gain kept | minus init-only |",
@@ -209,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             runs[arm] = run_arm(args, teacher_dir, arm, seed, scratch_dir)
         per_seed[seed] = runs
     first = per_seed[0]["kd_init_mix"]
+    teacher_end = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line).get("kind") == "end"]
+    # the runs' own wall times (reused runs keep theirs) plus the teacher's training time (its setup excluded)
+    runs_wall = sum(r.get("bench_wall_seconds", 0.0) for runs in per_seed.values() for arm, r in runs.items()
+                    if arm != "scratch") + (teacher_end[-1]["train_seconds"] if teacher_end else 0.0)
     date = dt.datetime.now(dt.timezone.utc)
     report = {
         "date": date.strftime("%Y-%m-%d %H:%M UTC"), "command": "python benchmarks/bench_distill.py "
@@ -216,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
                    f"{torch.__version__}, {args.threads} threads",
         "load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2),
-        "wall_seconds": time.perf_counter() - t0, "steps": args.steps, "seeds": list(range(args.seeds)),
+        "wall_seconds": time.perf_counter() - t0, "runs_wall_seconds": runs_wall, "steps": args.steps,
+        "seeds": list(range(args.seeds)),
         "teacher": {"run_dir": str(teacher_dir), "steps": args.teacher_steps,
                     "parameters": first["teacher"]["parameters"]},
         "student_parameters": first["student"]["parameters"], "validation_tokens": first["validation_tokens"],

@@ -200,6 +200,29 @@ def test_task_distillation(teacher, runs):
     assert load_toml(runs / "t" / "student" / "config.toml").model.dropout_rate == 0.1  # fine-tuning defaults
 
 
+def test_transformers_format_teacher(teacher, runs):
+    """A teacher saved in transformers format (config.json, weights, spiece.model), as finetune's best/ is."""
+    import warnings
+
+    from switchformer.interop import save_pretrained
+    from switchformer.train.runs import load_run
+
+    run = load_run(teacher)
+    hf = runs / "hf_teacher"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pretrained(run.model, hf)
+    run.tokenizer.save(hf)
+    (hf / "tokenizer_config.json").write_text(json.dumps({"extra_ids": run.tokenizer.num_sentinels}))
+    res = distill(str(hf), overrides=[*STUDENT, "train.steps=4", "train.eval_every=4", "data.max_bytes=300000",
+                                      "data.val_fraction=0.2", "data.input_length=32", "train.batch_size=8",
+                                      "train.eval_batches=2", "train.progress=false", "train.plots=false",
+                                      "train.tensorboard=false"], out_dir=runs / "hf", **QUIET)
+    cfg = load_toml(runs / "hf" / "student" / "config.toml")
+    assert Path(cfg.data.tokenizer) == hf / "spiece.model" and cfg.model.vocab_size == run.cfg.model.vocab_size
+    assert res.results["init"]["copied"] > 0 and res.results["student"]["steps"] == 4
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CLI
 
