@@ -60,8 +60,9 @@ ARMS = {  # arm -> (distill.soft_fraction, distill.init, label)
     "init_only": (0.0, "non_expert", "init non-expert weights, no distillation"),
 }
 # A small T5 layout (d_model 64, 2 + 2 blocks, 8 experts in block 1 of each stack) on 64-token span-corruption
-# sequences of a 3 MB slice of the standard library: sized for < 20 min on 2 idle cores (1 teacher + 10 students
-# of 600 steps, the teacher's forward in 6 of them).
+# sequences of a 3 MB slice of the standard library. One seed (the teacher and 5 students of 600 steps) took 28 min
+# of runs at load average 5-6 on the 2 shared cores; 2 seeds aim at < 20 min on 2 idle cores (an estimate, from
+# training about 3x faster there).
 MODEL = ["model.d_model=64", "model.d_ff=256", "model.d_kv=32", "model.num_heads=2", "model.moe.num_experts=8",
          "data.input_length=64", "data.vocab_size=1948", "data.num_sentinels=100", "data.max_bytes=3000000",
          "data.val_fraction=0.05", "train.batch_size=16", "train.eval_batches=16"]
