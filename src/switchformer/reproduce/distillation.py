@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from switchformer.config import apply_overrides
+from switchformer.config import RunConfig, apply_overrides
 from switchformer.reproduce.registry import Experiment, base_config
 
 
@@ -35,11 +35,11 @@ def _teacher(exp: Experiment, runs_root: Path, data, *, quick: bool, steps: int 
 
 def run_distill_experiment(exp: Experiment, plan: list, runs_root: Path, data, *, quick: bool,
                            print_fn: Callable[[str], None], train_run: Callable[..., dict],
-                           steps: int | None = None) -> list[dict]:
+                           arm_config: Callable[..., RunConfig], steps: int | None = None) -> list[dict]:
     """Every (arm, seed) of the distillation experiment after pre-training (or reusing) its teacher with the
-    runner's ``train_run``; each run record gets ``teacher_quality`` and ``kept_percent``."""
+    runner's ``train_run``, each student's config from the runner's ``arm_config`` (both passed in: the runner
+    imports this module); each run record gets ``teacher_quality`` and ``kept_percent``."""
     from switchformer.models import build_model
-    from switchformer.reproduce.runner import arm_config
     from switchformer.train.distill import DistillComponents, DistillTrainer, init_from_teacher, kept_fraction
     from switchformer.train.finetune import load_source
 

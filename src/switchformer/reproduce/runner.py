@@ -382,7 +382,7 @@ def run_experiment(
         from switchformer.reproduce.distillation import run_distill_experiment
 
         runs = run_distill_experiment(exp, plan, runs_root, data, quick=quick, print_fn=print_fn,
-                                      train_run=train_run, steps=steps)
+                                      train_run=train_run, arm_config=arm_config, steps=steps)
         plan = []
     for i, (arm, seed) in enumerate(plan, 1):
         cfg = arm_config(exp, arm.name, seed, quick=quick, steps=steps)
