@@ -14,16 +14,14 @@ import pytest
 
 from switchformer.config import DataConfig, RunConfig, apply_overrides
 from switchformer.data import load_corpus, train_tokenizer
-from switchformer.data.multilingual import (
+from switchformer.data.fortunes import (
     FORTUNES_DIR_ENV,
-    MultilingualCorpus,
     fortune_files,
     fortunes_available,
     fortunes_documents,
-    language_probabilities,
     split_fortunes,
-    temperature_mixture,
 )
+from switchformer.data.multilingual import MultilingualCorpus, language_probabilities, temperature_mixture
 from switchformer.errors import ConfigError, DataError
 
 _WORDS = {

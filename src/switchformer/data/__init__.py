@@ -11,7 +11,8 @@ Imports only numpy, torch, sentencepiece, the standard library, ``switchformer.c
 
 from switchformer.config import IGNORE_INDEX
 from switchformer.data.loader import BatchLoader, make_loader, tokenize_texts
-from switchformer.data.sources import Corpus, load_corpus
+from switchformer.data.multilingual import load_corpus  # any corpus, multilingual or not
+from switchformer.data.sources import Corpus
 from switchformer.data.span_corruption import (
     random_spans_noise_mask,
     span_corrupt,

@@ -11,10 +11,11 @@
   text and one document.
 - ``hf:NAME[:CONFIG]``: the train split of a Hugging Face dataset, streamed (needs ``datasets`` and network).
 - ``fortunes:LANG``: the fortunes of Debian's ``fortunes``/``fortunes-LANG`` packages, one document per fortune
-  (``switchformer.data.multilingual``).
+  (``switchformer.data.fortunes``).
 
-With ``data.languages`` or ``data.language_field`` the corpus is multilingual: each language is read and split on
-its own and the training documents are mixed with mT5's temperature sampling (``switchformer.data.multilingual``).
+With ``data.languages`` or ``data.language_field`` the corpus is multilingual: ``switchformer.data.load_corpus``
+reads it with ``switchformer.data.multilingual``, which splits each language on its own and mixes the training
+documents with mT5's temperature sampling.
 
 Documents go to validation when a hash of their name (path relative to the corpus root, plus ``#line`` for JSONL
 records) falls below ``val_fraction``: deterministic, independent of the seed and of the other files. A corpus of
@@ -411,9 +412,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.languages or cfg.language_field is not None:
-        from switchformer.data.multilingual import load_multilingual_corpus  # noqa: PLC0415  (builds on this module)
-
-        return load_multilingual_corpus(cfg)
+        raise DataError("data.languages / data.language_field make a multilingual corpus: read it with "
+                        "switchformer.data.load_corpus (switchformer.data.multilingual), which builds on this module")
     spec = cfg.corpus.strip()
     if not spec:
         raise DataError("data.corpus is empty; use 'stdlib', paths/globs, or hf:NAME")
@@ -450,7 +450,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                 num_files += 1
                 continue
             if part.startswith("fortunes:"):
-                from switchformer.data.multilingual import fortunes_documents  # noqa: PLC0415
+                from switchformer.data.fortunes import fortunes_documents  # noqa: PLC0415
 
                 take_all(fortunes_documents(part[len("fortunes:") :].strip(), notes))
                 num_files += 1
