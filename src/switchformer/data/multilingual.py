@@ -262,12 +262,13 @@ def load_multilingual_corpus(cfg: DataConfig) -> MultilingualCorpus:
         h.update(f"[{tag}:{len(part)}]".encode())
         for name, text, lang in part:
             h.update(lang.encode() + b"\x00" + name.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x00")
-    natural_bytes = sum(len(t.encode("utf-8")) for tr, va in split_docs.values() for _, t in tr + va)
+    # bytes of the corpus as trained: the mixture's training documents plus the validation documents
+    num_bytes = sum(len(t.encode("utf-8")) for part in (mixture, val) for _, t, _ in part)
     spec = cfg.corpus if not cfg.languages else ",".join(f"{k}={v}" for k, v in sorted(cfg.languages.items()))
     return MultilingualCorpus(
         train_texts=[t for _, t, _ in mixture], val_texts=[t for _, t, _ in val],
         train_names=[n for n, _, _ in mixture], val_names=[n for n, _, _ in val],
-        source=spec, num_files=num_files, num_bytes=natural_bytes, fingerprint=h.hexdigest(),
+        source=spec, num_files=num_files, num_bytes=num_bytes, fingerprint=h.hexdigest(),
         truncated=truncated, notes=notes,
         train_langs=[lang for _, _, lang in mixture], val_langs=[lang for _, _, lang in val],
         languages=stats, temperature=cfg.language_temperature,
