@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from switchformer.config import apply_overrides
+from switchformer.reproduce.finished import finished_result
 from switchformer.reproduce.registry import DENSE, Experiment, base_config, experts
 
 TASK = "stdlib-name"
@@ -69,17 +69,10 @@ def finetune_run(exp: Experiment, arm_name: str, seed: int, source: Path, run_di
                  f"train.eval_every={s['eval_every']}", "train.checkpoint_every=0", "train.progress=false",
                  "train.tensorboard=false", "train.plots=false", *s["task"]]
     key = json.dumps([str(source), overrides, TASK])
+    previous = finished_result(run_dir, key, print_fn)
+    if previous is not None:
+        return previous
     result_file = run_dir / "result.json"
-    if result_file.is_file():
-        try:
-            previous = json.loads(result_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-        if previous.get("key") == key:
-            print_fn(f"  {run_dir.name}: reusing the finished run ({result_file})")
-            return previous
-    if run_dir.exists() and (run_dir / "config.toml").exists():
-        shutil.rmtree(run_dir)  # an unfinished or outdated run restarts from scratch
     t0 = time.perf_counter()
     res = finetune(str(source), TASK, overrides, run_dir=run_dir, print_fn=lambda line: None)
     results = json.loads((run_dir / RESULTS_JSON).read_text())

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from switchformer.config import RunConfig, apply_overrides, round_vocab, to_dict
+from switchformer.reproduce.finished import finished_result
 from switchformer.reproduce.judging import (
     judge_better,
     judge_equivalent,
@@ -133,17 +133,10 @@ def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _Da
     from switchformer.train.loop import Components, NonFiniteLossError, Trainer, resolve_device
 
     key = _run_key(cfg, precision) + key_extra + ("-saved" if save_checkpoint else "")
+    previous = finished_result(run_dir, key, print_fn)
+    if previous is not None:
+        return previous
     result_file = run_dir / "result.json"
-    if result_file.is_file():
-        try:
-            previous = json.loads(result_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-        if previous.get("key") == key:
-            print_fn(f"  {run_dir.name}: reusing the finished run ({result_file})")
-            return previous
-    if run_dir.exists() and ((run_dir / "metrics.jsonl").exists() or (run_dir / "config.toml").exists()):
-        shutil.rmtree(run_dir)  # an unfinished or outdated run of this arm restarts from scratch
 
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
