@@ -238,3 +238,41 @@ def test_all_quick(tmp_path):
     assert main(["reproduce", "all", "--quick", "--out", str(out)]) == 0
     for name in EXPERIMENTS:
         _check_outputs(out, name)
+
+
+def test_rejudge_uses_a_later_fig12_and_keeps_the_runs(tmp_path, capsys):
+    """A one-seed experiment written before Fig. 12 is judged on the sigma floor; writing Fig. 12 (2 seeds) judges
+    it again with Fig. 12's pooled seed std, from the recorded runs alone; --rejudge does the same by hand."""
+    from switchformer.reproduce.judging import pooled_std
+
+    out = tmp_path / "quick"
+    assert main(["reproduce", "ntlb", "--quick", "--seeds", "1", "--out", str(out)]) == 0
+    before = json.loads((out / "ntlb.json").read_text())
+    assert before["judged"]["sigma"] is None or "floor" in before["judged"]["sigma_source"]
+    assert main(["reproduce", "fig12", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    fig12 = json.loads((out / "fig12.json").read_text())
+    by_arm: dict[str, list[float]] = {}
+    for r in fig12["runs"]:
+        by_arm.setdefault(r["arm"], []).append(r["quality"])
+    assert fig12["judged"]["sigma"] == pytest.approx(pooled_std(list(by_arm.values())))
+    after = json.loads((out / "ntlb.json").read_text())
+    assert after["judged"]["sigma"] == pytest.approx(fig12["judged"]["sigma"])
+    assert "Fig. 12" in after["judged"]["sigma_source"]
+    assert after["runs"] == before["runs"] and after["created"] == before["created"] and after["rejudged"]
+    assert "Judged again from the recorded runs" in (out / "ntlb.md").read_text()
+    assert "re-judged" in capsys.readouterr().out
+    # by hand: the same verdicts again, nothing trained
+    assert main(["reproduce", "all", "--rejudge", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ntlb: re-judged" in text and "fig12: re-judged" in text and "table3" not in text
+    again = json.loads((out / "ntlb.json").read_text())
+    assert [c["verdict"] for c in again["judged"]["claims"]] == [c["verdict"] for c in after["judged"]["claims"]]
+
+
+def test_rejudge_errors_name_the_fix(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["reproduce", "table3", "--rejudge", "--quick", "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["reproduce", "table3", "--quick", "--out", str(out)]) == 0
+    assert main(["reproduce", "table3", "--rejudge", "--out", str(out)]) == 2
+    assert "holds a quick result; add --quick" in capsys.readouterr().err

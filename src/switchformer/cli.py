@@ -217,7 +217,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.list:
         print(list_text())
         return 0
-    run_suite(args.names, quick=args.quick, seeds=args.seeds, out_dir=args.out)
+    run_suite(args.names, quick=args.quick, seeds=args.seeds, out_dir=args.out, rejudge=args.rejudge)
     return 0
 
 
@@ -436,6 +436,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="seeds per arm (default: each experiment's registered count)")
     p.add_argument("--out", help="folder for the JSON, figures and markdown (default docs/reproduction; with --quick "
                    "runs/reproduce-quick)")
+    p.add_argument("--rejudge", action="store_true",
+                   help="train nothing: judge the runs recorded in NAME.json again (current claims and Fig. 12 "
+                        "result) and rewrite the figure and markdown")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("plan", parents=[common],

@@ -154,7 +154,9 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
                   "pipeline works; its numbers and verdicts say nothing about the paper.", ""]
     lines += [f"Run {record['created']}: {record['steps']} steps, seeds {record['seeds']}, "
               f"{len(record['runs'])} runs, {record['wall_seconds'] / 60:.0f} min. "
-              f"Command: `{_command(exp.name, record.get('quick', False))}`. Factor under test: {exp.factor}.", ""]
+              + (f"Judged again from the recorded runs {record['rejudged']} (`--rejudge`). "
+                 if record.get("rejudged") else "")
+              + f"Command: `{_command(exp.name, record.get('quick', False))}`. Factor under test: {exp.factor}.", ""]
     lines += _paper_block(exp) + [""]
     arms = judged["arms"]
     for s in arms.values():  # training FLOPs (model FLOPs x3, top-k experts counted) to the reference quality

@@ -385,16 +385,7 @@ def run_experiment(
         print_fn(f"  [{i}/{len(plan)}] {arm.name} seed {seed}: neg log perplexity {r['quality']:.4f} after "
                  f"{r['steps_done']} steps ({r['wall_seconds']:.0f}s){flag}")
         runs.append(r)
-    fig12 = None
-    fig12_file = out / "fig12.json"
-    if name != "fig12" and fig12_file.is_file():
-        try:
-            prior = json.loads(fig12_file.read_text())
-            if bool(prior.get("quick")) == quick:
-                fig12 = prior.get("judged")
-        except (OSError, json.JSONDecodeError):
-            fig12 = None
-    judged = judge_experiment(exp, runs, fig12)
+    judged = judge_experiment(exp, runs, None if name == "fig12" else _fig12_judged(out, quick))
     steps_used = max((r["steps_done"] for r in runs), default=exp.steps)
     record = {
         "experiment": name, "title": exp.title, "source": exp.source, "factor": exp.factor, "quick": quick,
@@ -409,6 +400,61 @@ def run_experiment(
     for c in judged["claims"]:
         print_fn(f"  {c['verdict']:>12}  {c['text']}")
     print_fn(f"{name}: wrote {out / (name + '.json')}, {name}.png, {name}.md ({record['wall_seconds']:.0f}s)")
+    if name == "fig12":
+        # Experiments with one seed per arm take their sigma, and every experiment its Delta_SD, from Fig. 12:
+        # results written before this one are judged again, so the verdicts do not depend on the run order.
+        for other in EXPERIMENTS:
+            if other != "fig12" and (out / f"{other}.json").is_file():
+                rejudge_experiment(other, quick=quick, out_dir=out, print_fn=print_fn)
+    return record
+
+
+def _fig12_judged(out: Path, quick: bool) -> dict | None:
+    """The judged block of ``<out>/fig12.json`` when it exists and has the same quick flag, else None."""
+    path = out / "fig12.json"
+    if not path.is_file():
+        return None
+    try:
+        prior = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return prior.get("judged") if bool(prior.get("quick")) == quick else None
+
+
+def rejudge_experiment(
+    name: str, *, quick: bool = False, out_dir: str | Path | None = None, print_fn: Callable[[str], None] = print,
+) -> dict:
+    """Judge the runs recorded in ``<out>/<name>.json`` again, without training, and rewrite its outputs.
+
+    The verdicts then follow the current registered claims and the current Fig. 12 result (sigma for one-seed
+    experiments, Delta_SD for the ratios); the runs, their creation time and wall time are kept as recorded.
+    Raises ``ConfigError`` when the file is missing, unreadable, or of the other kind (quick vs full).
+    """
+    from switchformer.errors import ConfigError
+    from switchformer.reproduce.report import write_outputs
+
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or 'all'")
+    out = Path(out_dir) if out_dir is not None else Path("runs/reproduce-quick" if quick else "docs/reproduction")
+    path = out / f"{name}.json"
+    kind = "--quick " if quick else ""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--rejudge needs a written result, but {path} does not exist; run "
+                          f"'switchformer reproduce {name} {kind}--out {out}' first") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path} ({e}); run 'switchformer reproduce {name} {kind}' again") from None
+    if bool(record.get("quick")) != quick:
+        raise ConfigError(f"{path} holds a {'quick' if record.get('quick') else 'full'} result; "
+                          f"{'drop' if quick else 'add'} --quick to re-judge it")
+    exp = EXPERIMENTS[name]
+    record["judged"] = judge_experiment(exp, record["runs"], None if name == "fig12" else _fig12_judged(out, quick))
+    record["rejudged"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    write_outputs(record, out)
+    verdicts = "; ".join(f"{c['text']}: {c['verdict']}" for c in record["judged"]["claims"])
+    print_fn(f"{name}: re-judged {len(record['runs'])} recorded runs (sigma {record['judged']['sigma']:.4f}): "
+             f"{verdicts}")
     return record
 
 
@@ -445,10 +491,23 @@ def list_text() -> str:
 
 def run_suite(
     names: Sequence[str], *, quick: bool = False, seeds: int | None = None, out_dir: str | Path | None = None,
-    print_fn: Callable[[str], None] = print,
+    print_fn: Callable[[str], None] = print, rejudge: bool = False,
 ) -> dict[str, dict | None]:
-    """Run the named experiments (or ``all``) in registry order; skipped ones map to None."""
+    """Run the named experiments (or ``all``) in registry order; skipped ones map to None.
+
+    With ``rejudge``, nothing trains: each named experiment's recorded runs are judged again
+    (``rejudge_experiment``); ``all`` then means every experiment with a written result.
+    """
     chosen = expand_names(names)
+    if rejudge:
+        if seeds is not None:
+            from switchformer.errors import ConfigError
+
+            raise ConfigError("--rejudge judges the recorded runs again and trains nothing; drop --seeds")
+        out = Path(out_dir) if out_dir is not None else Path("runs/reproduce-quick" if quick else "docs/reproduction")
+        if "all" in names:
+            chosen = [n for n in chosen if (out / f"{n}.json").is_file()]
+        return {n: rejudge_experiment(n, quick=quick, out_dir=out, print_fn=print_fn) for n in chosen}
     results = {}
     for name in chosen:
         results[name] = run_experiment(name, quick=quick, seeds=seeds, out_dir=out_dir, print_fn=print_fn)
