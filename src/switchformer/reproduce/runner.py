@@ -353,7 +353,7 @@ def run_experiment(
     if missing:
         print_fn(f"{name}: {MISSING}; skipped ({exp.source}: {exp.title})")
         return None
-    out = Path(out_dir) if out_dir is not None else Path("runs/reproduce-quick" if quick else "docs/reproduction")
+    out = results_dir(out_dir, quick)
     runs_root = Path(runs_dir) if runs_dir is not None else (out / "runs" if quick else Path("runs/reproduce"))
     if seeds is None and quick:
         seeds = 1
@@ -409,6 +409,12 @@ def run_experiment(
     return record
 
 
+def results_dir(out_dir: str | Path | None, quick: bool) -> Path:
+    """Where an experiment's JSON, figure and markdown go: ``out_dir``, else ``docs/reproduction`` for full runs and
+    ``runs/reproduce-quick`` for smoke tests."""
+    return Path(out_dir) if out_dir is not None else Path("runs/reproduce-quick" if quick else "docs/reproduction")
+
+
 def _fig12_judged(out: Path, quick: bool) -> dict | None:
     """The judged block of ``<out>/fig12.json`` when it exists and has the same quick flag, else None."""
     path = out / "fig12.json"
@@ -434,8 +440,8 @@ def rejudge_experiment(
     from switchformer.reproduce.report import write_outputs
 
     if name not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or 'all'")
-    out = Path(out_dir) if out_dir is not None else Path("runs/reproduce-quick" if quick else "docs/reproduction")
+        raise ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    out = results_dir(out_dir, quick)
     path = out / f"{name}.json"
     kind = "--quick " if quick else ""
     try:
@@ -504,7 +510,7 @@ def run_suite(
             from switchformer.errors import ConfigError
 
             raise ConfigError("--rejudge judges the recorded runs again and trains nothing; drop --seeds")
-        out = Path(out_dir) if out_dir is not None else Path("runs/reproduce-quick" if quick else "docs/reproduction")
+        out = results_dir(out_dir, quick)
         if "all" in names:
             chosen = [n for n in chosen if (out / f"{n}.json").is_file()]
         return {n: rejudge_experiment(n, quick=quick, out_dir=out, print_fn=print_fn) for n in chosen}
