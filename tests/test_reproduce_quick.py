@@ -276,3 +276,8 @@ def test_rejudge_errors_name_the_fix(tmp_path, capsys):
     assert main(["reproduce", "table3", "--quick", "--out", str(out)]) == 0
     assert main(["reproduce", "table3", "--rejudge", "--out", str(out)]) == 2
     assert "holds a quick result; add --quick" in capsys.readouterr().err
+    assert main(["reproduce", "table3", "--rejudge", "--quick", "--seeds", "2", "--out", str(out)]) == 2
+    assert "drop --seeds" in capsys.readouterr().err
+    # one seed per arm and no Fig. 12 result: judged on the sigma floor, and said so
+    assert main(["reproduce", "table3", "--rejudge", "--quick", "--out", str(out)]) == 0
+    assert "sigma the 0.005-nat floor" in capsys.readouterr().out

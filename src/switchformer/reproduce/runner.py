@@ -459,8 +459,9 @@ def rejudge_experiment(
     record["rejudged"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write_outputs(record, out)
     verdicts = "; ".join(f"{c['text']}: {c['verdict']}" for c in record["judged"]["claims"])
-    print_fn(f"{name}: re-judged {len(record['runs'])} recorded runs (sigma {record['judged']['sigma']:.4f}): "
-             f"{verdicts}")
+    sigma = record["judged"]["sigma"]
+    sigma_text = "the 0.005-nat floor" if sigma is None else f"{sigma:.4f}"
+    print_fn(f"{name}: re-judged {len(record['runs'])} recorded runs (sigma {sigma_text}): {verdicts}")
     return record
 
 
