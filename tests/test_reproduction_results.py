@@ -4,7 +4,6 @@ the JSON files give, and the README's one-line summary counts the same verdicts.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
