@@ -52,7 +52,8 @@ def test_the_docs_region_is_generated_from_the_json(tmp_path):
 def test_the_readme_summary_counts_the_published_verdicts():
     verdicts = [c["verdict"] for r in RECORDS.values() for c in r["judged"]["claims"]]
     readme = " ".join((ROOT / "README.md").read_text().split())
-    match = re.search(r"\((\d+) runs, [\d.]+ h on 2 cores\) (\d+) of (\d+) directions held and (\w+) reversed", readme)
+    pattern = r"\((\d+) runs, [\d.]+ h on 2 cores\) (\d+) of (\d+) directions held and (\w+) reversed"
+    match = re.search(pattern, readme)
     assert match, "the README states the full run's result"
     runs, held, total, reversed_ = match.groups()
     assert int(runs) == sum(len(r["runs"]) for r in RECORDS.values())
