@@ -231,6 +231,19 @@ def test_emulated_linear_equals_rounded_inputs_and_output():
     assert torch.equal(round_bf16(torch.tensor([1.0 + 2 ** -9])), torch.tensor([1.0]))  # 8-bit mantissa
 
 
+def test_quick_sweeps_routing_exploration_and_attention(tmp_path):
+    """The smoke tests of the experiments no other test here runs (about 45 s), so every experiment's pipeline
+    runs in CI: Fig. 4 (up to 64 experts), Table 1 (top-2 and capacity factors), Table 11 and Table 10."""
+    out = tmp_path / "quick"
+    names = ["fig4", "table1", "table11", "table10"]
+    assert main(["reproduce", *names, "--quick", "--out", str(out)]) == 0
+    for name in names:
+        _check_outputs(out, name)
+    table1 = json.loads((out / "table1.json").read_text())["judged"]["arms"]
+    # top-2 sends every token to two experts: at the same capacity factor it is the costlier arm per step
+    assert table1["top2_cf1.0"]["train_flops_per_step"] > table1["switch_cf1.0"]["train_flops_per_step"]
+
+
 @pytest.mark.slow
 def test_all_quick(tmp_path):
     """Every experiment's smoke test (about 2 minutes on a busy 2-core machine)."""
