@@ -163,6 +163,22 @@ def test_bad_generate_args(make_cfg):
 
 
 @pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
+def test_decode_fast_path_under_bfloat16_autocast(make_cfg, proj):
+    """Generation under bf16 autocast: both decode methods run (the ragged kernel writes into a preallocated
+    output, which autocast cannot retype) and agree with the general layer at bfloat16's resolution."""
+    from switchformer.moe import switch_ffn_decode
+
+    model = build_model(make_cfg(feed_forward_proj=proj)).eval()
+    mlp = model.decoder.block[1].layer[2].mlp
+    x = torch.randn(5, 1, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = mlp(x)
+        for method in ("gather", "loop"):
+            got = switch_ffn_decode(mlp, x, None, method=method)
+            torch.testing.assert_close(got.float(), ref.float(), rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
 def test_decode_fast_path_equals_switch_layer(make_cfg, proj):
     from switchformer.moe import decode_fast_path_ok, switch_ffn_decode
 

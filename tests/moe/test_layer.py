@@ -200,6 +200,33 @@ def test_bf16_input_keeps_float32_router_and_returns_bf16():
     assert y16.dtype == torch.bfloat16 and layer16.router.router_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("router_dtype", ["float32", "bfloat16"])
+def test_autocast_leaves_the_router_in_its_own_dtype(router_dtype):
+    """Selective precision under bf16 autocast (paper §2.4): the model's matmuls run in bfloat16, the router's in
+    router_dtype. The reference is the router arithmetic written out in numpy: float64 logits of the inputs rounded
+    to router_dtype, rounded again to it."""
+    torch.manual_seed(0)
+    layer = SwitchFFN(64, 128, 8, router_dtype=router_dtype).eval()
+    torch.nn.init.normal_(layer.router.weight)
+    x = torch.randn(2, 16, 64)
+    dtype = getattr(torch, router_dtype)
+
+    def rounded(t):
+        return t.to(dtype).double().numpy()
+
+    want = torch.from_numpy(rounded(x.reshape(-1, 64)) @ rounded(layer.router.weight.detach()).T).to(dtype).float()
+    y32, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    # the experts did run in bfloat16 (the output differs at bfloat16's resolution), returned in x's dtype
+    assert y.dtype == x.dtype and not torch.equal(y, y32)
+    torch.testing.assert_close(y, y32, rtol=0.05, atol=0.02)
+    tol = 1e-5 if router_dtype == "float32" else 0.0
+    torch.testing.assert_close(aux.router_logits.reshape(-1, 8), want, rtol=tol, atol=tol)
+    if router_dtype == "float32":  # bfloat16 logits would be off by up to ~2^-8 relative
+        assert not torch.equal(want.bfloat16().float(), want)
+
+
 def test_jitter_touches_only_the_routers_copy():
     torch.manual_seed(0)
     layer = SwitchFFN(8, 16, 4, capacity_factor=None, exploration="input_jitter", jitter_eps=0.2)

@@ -62,6 +62,29 @@ def test_loss_decreases_and_run_dir(out_dir):
     assert load_toml(run / "config.toml").model.vocab_size % 128 == 0
 
 
+@pytest.mark.parametrize("arch", ["encoder-decoder", "decoder-only"])
+def test_bfloat16_autocast_trains_with_a_float32_router(out_dir, arch):
+    """train.precision=bfloat16 (autocast) trains both architectures on the ragged CPU experts path, and the
+    router's logits stay float32 (selective precision, paper §2.4): under autocast they equal the logits of the
+    router's own float32 arithmetic on the same input."""
+    extra = ["model.arch=decoder_only", "data.objective=causal_lm"] if arch == "decoder-only" else []
+    cfg = _cfg(out_dir, f"name=bf16-{arch}", "train.steps=6", "train.eval_every=6", "train.precision=bfloat16",
+               *extra)
+    result = train(cfg, print_fn=lambda s: None)
+    losses = [r["loss"] for r in read_metrics(result.run_dir, "train")]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(read_metrics(result.run_dir, "eval")[-1]["val_loss"])
+    comp = build_components(cfg, torch.device("cpu"))
+    mlp = next(m for m in comp.model.modules() if hasattr(m, "router") and hasattr(m, "experts"))
+    seen = {}
+    mlp.router.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], logits=out.logits_TE))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        comp.model.eval()(**comp.val_batches[0])
+    assert seen["logits"].dtype == torch.float32
+    want = seen["x"].double() @ mlp.router.weight.detach().double().T
+    torch.testing.assert_close(seen["logits"].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_evaluate_matches_independent_cross_entropy(out_dir):
     cfg = _cfg(out_dir)
     comp = build_components(cfg, torch.device("cpu"))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from switchformer.moe.dispatch import LocalDispatcher, expert_capacity
 from switchformer.moe.experts import ragged_experts_inference
 from switchformer.moe.layer import SwitchFFN
-from switchformer.moe.router import top_k_lowest_index
+from switchformer.moe.router import router_precision, top_k_lowest_index
 
 DECODE_GATHER_LIMIT = 2**25
 """Largest gathered expert-weight tensor (elements: tokens x d_ff x d_model) the fast path may build; beyond it
@@ -74,9 +74,10 @@ def switch_ffn_decode(
     """
     router, experts = mlp.router, mlp.experts
     x_TM = x.reshape(-1, x.shape[-1])
-    logits = F.linear(x_TM.to(router.router_dtype), router.weight.to(router.router_dtype))
     # The router's own arithmetic (softmax in router_dtype, then float32), so ties and gates match the layer.
-    gate_T1, index_T1 = top_k_lowest_index(torch.softmax(logits, dim=-1), 1)
+    with router_precision(x_TM):
+        logits = F.linear(x_TM.to(router.router_dtype), router.weight.to(router.router_dtype))
+        gate_T1, index_T1 = top_k_lowest_index(torch.softmax(logits, dim=-1), 1)
     gate_T, index_T = gate_T1.float().squeeze(-1), index_T1.squeeze(-1)
     gated = experts.w_gate is not None
     method = method or ("loop" if x.device.type == "cpu" else "gather")
@@ -91,11 +92,12 @@ def switch_ffn_decode(
     elif method == "loop":
         order = torch.argsort(index_T)
         counts = torch.bincount(index_T, minlength=experts.w_in.shape[0]).tolist()
-        y = torch.empty_like(x_TM)
-        y[order] = ragged_experts_inference(x_TM[order], counts, experts.w_in, experts.w_out, experts.w_gate)
+        y_sorted = ragged_experts_inference(x_TM[order], counts, experts.w_in, experts.w_out, experts.w_gate)
+        y = torch.empty_like(y_sorted)  # the experts' dtype: under autocast, not x's
+        y[order] = y_sorted
     else:
         raise ValueError(f"method must be 'gather', 'loop' or None, got {method!r}")
-    y = y * gate_T.to(x.dtype).unsqueeze(-1)
+    y = y.to(x.dtype) * gate_T.to(x.dtype).unsqueeze(-1)  # x's dtype, as the layer returns
     if padding_mask is not None:
         y = y * padding_mask.reshape(-1, 1).to(y.dtype)
     return y.view(x.shape)
