@@ -282,6 +282,30 @@ def test_rejudge_uses_a_later_fig12_and_keeps_the_runs(tmp_path, capsys):
     assert [c["verdict"] for c in again["judged"]["claims"]] == [c["verdict"] for c in after["judged"]["claims"]]
 
 
+def test_quick_table2_in_real_bfloat16(tmp_path, capsys):
+    """--bf16 autocast: the bfloat16 and selective arms train under bf16 autocast with the router in bfloat16 or
+    float32, without the rounding emulation; float32 arms are the same runs as in the emulated mode."""
+    from switchformer.reproduce.precision import autocast_overrides
+
+    assert autocast_overrides("float32") == []
+    assert autocast_overrides("selective") == ["train.precision=bfloat16", "model.moe.router_dtype=float32"]
+    out = tmp_path / "quick"
+    assert main(["reproduce", "table2", "--quick", "--bf16", "autocast", "--out", str(out)]) == 0
+    assert "warning: --bf16 autocast on a CPU" in capsys.readouterr().out
+    record = _check_outputs(out, "table2")
+    assert record["bf16"] == "autocast" and record["device"] == "cpu"
+    for run in record["runs"]:
+        want = ("float32", "float32") if run["precision"] == "float32" else (
+            "bfloat16", "bfloat16" if run["precision"] == "bfloat16" else "float32")
+        assert (run["config"]["train"]["precision"], run["config"]["model"]["moe"]["router_dtype"]) == want
+    md = (out / "table2.md").read_text()
+    assert "real bfloat16 mixed precision" in md and "`switchformer reproduce table2 --quick --bf16 autocast`" in md
+    # the float32 arms are shared with the emulated mode: they are reused, the others train again
+    assert main(["reproduce", "table2", "--quick", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 2
+    assert json.loads((out / "table2.json").read_text())["bf16"] == "emulated"
+
+
 def test_rejudge_errors_name_the_fix(tmp_path, capsys):
     out = tmp_path / "quick"
     assert main(["reproduce", "table3", "--rejudge", "--quick", "--out", str(out)]) == 2

@@ -217,7 +217,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.list:
         print(list_text())
         return 0
-    run_suite(args.names, quick=args.quick, seeds=args.seeds, out_dir=args.out, rejudge=args.rejudge)
+    run_suite(args.names, quick=args.quick, seeds=args.seeds, out_dir=args.out, rejudge=args.rejudge,
+              bf16=args.bf16)
     return 0
 
 
@@ -436,6 +437,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="seeds per arm (default: each experiment's registered count)")
     p.add_argument("--out", help="folder for the JSON, figures and markdown (default docs/reproduction; with --quick "
                    "runs/reproduce-quick)")
+    p.add_argument("--bf16", choices=("emulated", "autocast"), default="emulated",
+                   help="bfloat16 arms (table2, table10): 'emulated' rounds in float32 (any CPU; default) or "
+                        "'autocast' trains in real bfloat16 (hardware with bfloat16 units: a GPU, used when "
+                        "present)")
     p.add_argument("--rejudge", action="store_true",
                    help="train nothing: judge the runs recorded in NAME.json again (current claims and Fig. 12 "
                         "result) and rewrite the figure and markdown")

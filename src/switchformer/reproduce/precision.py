@@ -29,6 +29,23 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 MODES = ("float32", "bfloat16", "selective")
+BF16_BACKENDS = ("emulated", "autocast")
+"""How the bfloat16 arms run: ``emulated`` rounds in float32 (any CPU); ``autocast`` is real bfloat16 mixed
+precision (``train.precision=bfloat16``), for hardware with bfloat16 units (a GPU)."""
+
+
+def autocast_overrides(mode: str) -> list[str]:
+    """Config overrides that run ``mode`` on bfloat16 hardware: autocast for the model's matmuls, and the router in
+    bfloat16 (``bfloat16``) or float32 (``selective``, paper §2.4). ``float32`` changes nothing.
+
+    Autocast keeps the master weights, softmaxes, norms and the residual stream in float32, as mixed-precision
+    training on a GPU does; the emulation also rounds the residual stream, as bfloat16 activations on a TPU would.
+    """
+    if mode not in MODES:
+        raise ValueError(f"precision mode must be one of {MODES}, got {mode!r}")
+    if mode == "float32":
+        return []
+    return ["train.precision=bfloat16", f"model.moe.router_dtype={'bfloat16' if mode == 'bfloat16' else 'float32'}"]
 
 
 def round_bf16(x):

@@ -25,8 +25,9 @@ def _f(x, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _command(name: str, quick: bool = False) -> str:
-    return f"switchformer reproduce {name}" + (" --quick" if quick else "")
+def _command(name: str, quick: bool = False, bf16: str | None = None) -> str:
+    return f"switchformer reproduce {name}" + (" --quick" if quick else "") + (
+        " --bf16 autocast" if bf16 == "autocast" else "")
 
 
 # ----------------------------------------------------------------------------------------------- figure
@@ -156,7 +157,11 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
               f"{len(record['runs'])} runs, {record['wall_seconds'] / 60:.0f} min. "
               + (f"Judged again from the recorded runs {record['rejudged']} (`--rejudge`). "
                  if record.get("rejudged") else "")
-              + f"Command: `{_command(exp.name, record.get('quick', False))}`. Factor under test: {exp.factor}.", ""]
+              + f"Command: `{_command(exp.name, record.get('quick', False), record.get('bf16'))}`. "
+              + f"Factor under test: {exp.factor}.", ""]
+    if record.get("bf16") == "autocast":
+        lines += [f"The bfloat16 and selective arms trained in real bfloat16 mixed precision (`--bf16 autocast`, on "
+                  f"{record.get('device', 'an unrecorded device')}), not in the float32 emulation.", ""]
     lines += _paper_block(exp) + [""]
     arms = judged["arms"]
     for s in arms.values():  # training FLOPs (model FLOPs x3, top-k experts counted) to the reference quality

@@ -38,7 +38,7 @@ from switchformer.reproduce.judging import (
     pooled_std,
     sample_std,
 )
-from switchformer.reproduce.precision import emulate_precision
+from switchformer.reproduce.precision import BF16_BACKENDS, autocast_overrides, emulate_precision
 from switchformer.reproduce.registry import (
     COOLDOWN_FRACTION,
     EXPERIMENTS,
@@ -51,12 +51,15 @@ from switchformer.reproduce.registry import (
 
 PROTOCOL_VERSION = 1
 """Bumped when the training protocol changes, so earlier run results are not reused."""
-def arm_config(exp: Experiment, arm_name: str, seed: int, *, quick: bool, steps: int | None = None) -> RunConfig:
-    """The full config of one run: base, the experiment's overrides, the arm's, then steps and seeds."""
+def arm_config(exp: Experiment, arm_name: str, seed: int, *, quick: bool, steps: int | None = None,
+               bf16: str = "emulated") -> RunConfig:
+    """The full config of one run: base, the experiment's overrides, the arm's, then steps and seeds; with
+    ``bf16="autocast"`` a bfloat16 or selective arm also trains in real bfloat16 (``autocast_overrides``)."""
     arm = exp.arm(arm_name)
     cfg = apply_overrides(base_config(quick), [*exp.overrides, *arm.overrides])
     n_steps = steps if steps is not None else (cfg.train.steps if quick else exp.steps)
-    return apply_overrides(cfg, [f"train.steps={n_steps}", f"train.seed={seed}", f"data.seed={seed}",
+    hardware = autocast_overrides(arm.precision) if bf16 == "autocast" else []
+    return apply_overrides(cfg, [*hardware, f"train.steps={n_steps}", f"train.seed={seed}", f"data.seed={seed}",
                                  f"name={arm_name}-s{seed}"])
 
 
@@ -145,7 +148,8 @@ def train_run(cfg: RunConfig, arm: str, precision: str, run_dir: Path, data: _Da
     model_cfg = dataclasses.replace(cfg.model, vocab_size=round_vocab(tok.vocab_size))
     torch.manual_seed(cfg.train.seed)
     model = build_model(model_cfg).to(device)
-    emulation = emulate_precision(model, precision)
+    # real bfloat16 (train.precision=bfloat16, set by arm_config) needs no rounding on top
+    emulation = emulate_precision(model, "float32" if cfg.train.precision == "bfloat16" else precision)
     train_loader = make_loader(cfg.data, tok, corpus.train_texts, cfg.train.batch_size, "train", model_cfg.arch,
                                cache_dir=data.cache_dir)
     comp = Components(model, model_cfg, tok, train_loader, val_batches, summary)
@@ -330,6 +334,7 @@ def judge_experiment(exp: Experiment, runs: Sequence[dict], fig12: dict | None =
 def run_experiment(
     name: str, *, quick: bool = False, seeds: int | None = None, out_dir: str | Path | None = None,
     runs_dir: str | Path | None = None, steps: int | None = None, print_fn: Callable[[str], None] = print,
+    bf16: str = "emulated",
 ) -> dict | None:
     """Run experiment ``name`` (every arm x seed), judge it, and write ``<out>/<name>.json``, ``.png`` and ``.md``.
 
@@ -342,13 +347,22 @@ def run_experiment(
         runs_dir: where the training runs go (default ``runs/reproduce``; quick: ``<out_dir>/runs``).
         steps: override the step budget (tests).
         print_fn: progress lines.
+        bf16: how the bfloat16 and selective-precision arms run: "emulated" (rounding in float32, any CPU) or
+            "autocast" (real bfloat16 mixed precision, for a GPU; float32 arms are shared with the emulated runs).
 
     Returns:
         The experiment's result record, or None when it was skipped for a missing capability.
     """
     from switchformer.reproduce.report import write_outputs
 
+    if bf16 not in BF16_BACKENDS:
+        from switchformer.errors import ConfigError
+
+        raise ConfigError(f"--bf16 must be one of {', '.join(BF16_BACKENDS)}, got {bf16!r}")
     exp = EXPERIMENTS[name]
+    if bf16 == "autocast" and any(a.precision != "float32" for a in exp.arms) and _device_name() == "cpu":
+        print_fn(f"{name}: warning: --bf16 autocast on a CPU; without bfloat16 units this is far slower than the "
+                 "emulation")
     missing = missing_requirements(exp)
     if missing:
         print_fn(f"{name}: {MISSING}; skipped ({exp.source}: {exp.title})")
@@ -378,7 +392,7 @@ def run_experiment(
                                       train_run=train_run, arm_config=arm_config, steps=steps)
         plan = []
     for i, (arm, seed) in enumerate(plan, 1):
-        cfg = arm_config(exp, arm.name, seed, quick=quick, steps=steps)
+        cfg = arm_config(exp, arm.name, seed, quick=quick, steps=steps, bf16=bf16)
         cfg = apply_overrides(cfg, [f"out_dir={runs_root / name}"])
         r = train_run(cfg, arm.name, arm.precision, runs_root / name / f"{arm.name}-s{seed}", data, print_fn)
         flag = f", diverged at step {r['diverged_at']}" if r["diverged"] else ""
@@ -390,6 +404,7 @@ def run_experiment(
     record = {
         "experiment": name, "title": exp.title, "source": exp.source, "factor": exp.factor, "quick": quick,
         "label": SMOKE_LABEL if quick else "result", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "bf16": bf16 if any(a.precision != "float32" for a in exp.arms) else None, "device": _device_name(),
         "steps": steps_used, "seeds": sorted({r["seed"] for r in runs}), "wall_seconds": time.perf_counter() - t0,
         "base_config": to_dict(base_config(quick)), "experiment_overrides": list(exp.overrides),
         "arms": [{"name": a.name, "label": a.title, "overrides": list(a.overrides), "x": a.x,
@@ -407,6 +422,11 @@ def run_experiment(
             if other != "fig12" and (out / f"{other}.json").is_file():
                 rejudge_experiment(other, quick=quick, out_dir=out, print_fn=print_fn)
     return record
+
+
+def _device_name() -> str:
+    """What the runs train on (``train.device = "auto"``): the GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def results_dir(out_dir: str | Path | None, quick: bool) -> Path:
@@ -498,7 +518,7 @@ def list_text() -> str:
 
 def run_suite(
     names: Sequence[str], *, quick: bool = False, seeds: int | None = None, out_dir: str | Path | None = None,
-    print_fn: Callable[[str], None] = print, rejudge: bool = False,
+    print_fn: Callable[[str], None] = print, rejudge: bool = False, bf16: str = "emulated",
 ) -> dict[str, dict | None]:
     """Run the named experiments (or ``all``) in registry order; skipped ones map to None.
 
@@ -517,7 +537,8 @@ def run_suite(
         return {n: rejudge_experiment(n, quick=quick, out_dir=out, print_fn=print_fn) for n in chosen}
     results = {}
     for name in chosen:
-        results[name] = run_experiment(name, quick=quick, seeds=seeds, out_dir=out_dir, print_fn=print_fn)
+        results[name] = run_experiment(name, quick=quick, seeds=seeds, out_dir=out_dir, print_fn=print_fn,
+                                       bf16=bf16)
     ran = [n for n, r in results.items() if r is not None]
     skipped = [n for n, r in results.items() if r is None]
     print_fn(f"reproduce: ran {', '.join(ran) or 'nothing'}" + (f"; skipped {', '.join(skipped)} ({MISSING})"
