@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from switchformer.moe.autocast import autocast_off
 from switchformer.moe.dispatch import LocalDispatcher, expert_capacity
 from switchformer.moe.experts import ragged_experts_inference
 from switchformer.moe.layer import SwitchFFN
-from switchformer.moe.router import router_precision, top_k_lowest_index
+from switchformer.moe.router import top_k_lowest_index
 
 DECODE_GATHER_LIMIT = 2**25
 """Largest gathered expert-weight tensor (elements: tokens x d_ff x d_model) the fast path may build; beyond it
@@ -75,7 +76,7 @@ def switch_ffn_decode(
     router, experts = mlp.router, mlp.experts
     x_TM = x.reshape(-1, x.shape[-1])
     # The router's own arithmetic (softmax in router_dtype, then float32), so ties and gates match the layer.
-    with router_precision(x_TM):
+    with autocast_off(x_TM):
         logits = F.linear(x_TM.to(router.router_dtype), router.weight.to(router.router_dtype))
         gate_T1, index_T1 = top_k_lowest_index(torch.softmax(logits, dim=-1), 1)
     gate_T, index_T = gate_T1.float().squeeze(-1), index_T1.squeeze(-1)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from switchformer.moe.autocast import as_autocast
+
 ACTIVATIONS = ("relu", "gated-gelu")
 
 
@@ -37,25 +39,6 @@ def truncated_normal_(weight: torch.Tensor, fan_in: int, scale: float) -> torch.
 # benchmark machine), while smaller blocks are reused from its heap: blocks stay below that threshold
 # (benchmarks/bench_moe_layer.py; benchmarks/results/moe_layer_notes.md).
 HIDDEN_BLOCK_BYTES = 16 * 2**20
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs ``x``'s matmuls in, or None when autocast is off for its device."""
-    device = x.device.type
-    if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
-def _as_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors`` cast to the active autocast dtype (unchanged when autocast is off).
-
-    The ragged kernels write each expert's product into slices of one preallocated output (``mm(out=...)``), which
-    autocast cannot retype: they get their inputs in the autocast dtype up front, as autocast would give each
-    matmul, and the casts carry the gradients back to the float32 master weights.
-    """
-    dtype = autocast_dtype(tensors[0])
-    return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
 
 
 def _row_blocks(counts: list[int], row_bytes: int):
@@ -144,10 +127,7 @@ def ragged_experts_inference(
 ) -> torch.Tensor:
     """Expert FFNs on expert-major ragged tokens without dropout or autograd bookkeeping (inference, e.g. the few
     tokens of a generation step): ``relu`` when ``w_gate_EFM`` is None, else gated-gelu."""
-    if w_gate_EFM is None:
-        x_NM, w_in_EFM, w_out_EMF = _as_autocast(x_NM, w_in_EFM, w_out_EMF)
-    else:
-        x_NM, w_in_EFM, w_out_EMF, w_gate_EFM = _as_autocast(x_NM, w_in_EFM, w_out_EMF, w_gate_EFM)
+    x_NM, w_in_EFM, w_out_EMF, w_gate_EFM = as_autocast(x_NM, w_in_EFM, w_out_EMF, w_gate_EFM)
     y_NM = x_NM.new_empty(x_NM.shape)
     start = 0
     for e, n in enumerate(counts):  # a loop over experts' contiguous slices, never over tokens
@@ -236,7 +216,7 @@ class Experts(nn.Module):
         if counts is None or len(counts) != w_in_EFM.shape[0]:
             raise ValueError("ragged expert input needs counts: one token count per expert")
         if w_gate_EFM is None:
-            x, w_in_EFM, w_out_EMF = _as_autocast(x, w_in_EFM, w_out_EMF)
+            x, w_in_EFM, w_out_EMF = as_autocast(x, w_in_EFM, w_out_EMF)
         if w_gate_EFM is None and x.dtype == w_in_EFM.dtype:
             return _RaggedReluFFN.apply(x.contiguous(), w_in_EFM, w_out_EMF, counts, self.expert_dropout,
                                         self.training)

@@ -9,28 +9,15 @@ Shape suffixes: T tokens, E experts, K choices per token, M d_model.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from switchformer.moe.autocast import autocast_off
+
 EXPLORATION_POLICIES = ("input_jitter", "argmax", "sample", "input_dropout")
-
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
-
-
-def router_precision(x: torch.Tensor):
-    """A context in which the router computes in its own ``router_dtype``, whatever autocast is active.
-
-    Under ``torch.autocast(dtype=bfloat16)`` a float32 ``F.linear`` silently runs in bfloat16, which would undo
-    selective precision (paper §2.4: the router's logits, softmax and gates stay float32 while the rest of the
-    model trains in bfloat16). Autocast is therefore off inside the router; ``router_dtype`` alone decides.
-    """
-    if x.device.type in _AUTOCAST_DEVICES:
-        return torch.autocast(device_type=x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def top_k_lowest_index(values_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +105,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
 
     def forward(self, x_TM: torch.Tensor, padding_mask_T: torch.Tensor | None = None) -> RouterOutput:
-        with router_precision(x_TM):
+        with autocast_off(x_TM):  # selective precision holds under autocast: router_dtype alone decides
             return self._route(x_TM, padding_mask_T)
 
     def _route(self, x_TM: torch.Tensor, padding_mask_T: torch.Tensor | None) -> RouterOutput:
