@@ -25,9 +25,18 @@ def _f(x, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _command(name: str, quick: bool = False, bf16: str | None = None) -> str:
-    return f"switchformer reproduce {name}" + (" --quick" if quick else "") + (
-        " --bf16 autocast" if bf16 == "autocast" else "")
+def _command(name: str, quick: bool = False, bf16: str | None = None, seeds: int | None = None) -> str:
+    return (f"switchformer reproduce {name}" + (" --quick" if quick else "")
+            + (f" --seeds {seeds}" if seeds is not None else "") + (" --bf16 autocast" if bf16 == "autocast" else ""))
+
+
+def _seeds_override(record: dict, exp: Experiment) -> int | None:
+    """The ``--seeds`` a record was run with, or None when every arm ran its registered seed count."""
+    counts = {a["name"]: a["seeds"] for a in record.get("arms", [])}
+    registered = {a.name: exp.seeds_of(a, 1 if record.get("quick") else None) for a in exp.arms}
+    if not counts or counts == registered:
+        return None
+    return max(counts.values())
 
 
 # ----------------------------------------------------------------------------------------------- figure
@@ -153,11 +162,19 @@ def result_section(record: dict, image_prefix: str = "reproduction/") -> str:
     if record.get("quick"):
         lines += ["**Smoke test, not a result**: a very small model for a few dozen steps, one seed. It shows the "
                   "pipeline works; its numbers and verdicts say nothing about the paper.", ""]
+    run_minutes = sum(r.get("wall_seconds") or 0 for r in record["runs"]) / 60
+    command = _command(exp.name, record.get("quick", False), record.get("bf16"), _seeds_override(record, exp))
+    minutes = record["wall_seconds"] / 60
+    if minutes < run_minutes / 2:  # most runs were reused from an earlier invocation
+        minutes_text = (f"{run_minutes:.0f} min of training runs (finished runs were reused: this command took "
+                        f"{minutes:.0f} min)")
+    else:
+        minutes_text = f"{minutes:.0f} min"
     lines += [f"Run {record['created']}: {record['steps']} steps, seeds {record['seeds']}, "
-              f"{len(record['runs'])} runs, {record['wall_seconds'] / 60:.0f} min. "
+              f"{len(record['runs'])} runs, {minutes_text}. "
               + (f"Judged again from the recorded runs {record['rejudged']} (`--rejudge`). "
                  if record.get("rejudged") else "")
-              + f"Command: `{_command(exp.name, record.get('quick', False), record.get('bf16'))}`. "
+              + f"Command: `{command}`. "
               + f"Factor under test: {exp.factor}.", ""]
     if record.get("bf16") == "autocast":
         lines += [f"The bfloat16 and selective arms trained in real bfloat16 mixed precision (`--bf16 autocast`, on "
