@@ -65,7 +65,8 @@ def test_quick_results_never_reach_the_docs(tmp_path, monkeypatch):
     assert docs.read_text() == f"# header\n{BEGIN}\nold\n{END}\n"
     record = json.loads((tmp_path / "docs" / "reproduction" / "table3.json").read_text())
     assert record["quick"] and record["seeds"] == [0, 1]
-    assert "`switchformer reproduce table3 --quick --seeds 2`" in (docs.parent / "reproduction" / "table3.md").read_text()
+    section = (docs.parent / "reproduction" / "table3.md").read_text()
+    assert "`switchformer reproduce table3 --quick --seeds 2`" in section
     # two seeds per arm: sigma is the pooled seed std, and the spread claim has its F-test
     q = [r["quality"] for r in sorted(record["runs"], key=lambda r: (r["arm"], r["seed"]))]
     pooled = (((q[0] - q[1]) ** 2 / 2 + (q[2] - q[3]) ** 2 / 2) / 2) ** 0.5
