@@ -217,9 +217,9 @@ class Experts(nn.Module):
             raise ValueError("ragged expert input needs counts: one token count per expert")
         if w_gate_EFM is None:
             x, w_in_EFM, w_out_EMF = as_autocast(x, w_in_EFM, w_out_EMF)
-        if w_gate_EFM is None and x.dtype == w_in_EFM.dtype:
-            return _RaggedReluFFN.apply(x.contiguous(), w_in_EFM, w_out_EMF, counts, self.expert_dropout,
-                                        self.training)
+            if x.dtype == w_in_EFM.dtype:
+                return _RaggedReluFFN.apply(x.contiguous(), w_in_EFM, w_out_EMF, counts, self.expert_dropout,
+                                            self.training)
         # Gated experts: a plain autograd loop. NOTE: unbind once: indexing a stacked Parameter per expert under
         # autograd would materialise a full [E, F, M] gradient for every expert (88x slower at E=128).
         w_in, w_out = w_in_EFM.unbind(0), w_out_EMF.unbind(0)

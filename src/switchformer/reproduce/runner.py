@@ -360,7 +360,8 @@ def run_experiment(
 
         raise ConfigError(f"--bf16 must be one of {', '.join(BF16_BACKENDS)}, got {bf16!r}")
     exp = EXPERIMENTS[name]
-    if bf16 == "autocast" and any(a.precision != "float32" for a in exp.arms) and _device_name() == "cpu":
+    has_bf16_arms = any(a.precision != "float32" for a in exp.arms)
+    if bf16 == "autocast" and has_bf16_arms and _device_name() == "cpu":
         print_fn(f"{name}: warning: --bf16 autocast on a CPU; without bfloat16 units this is far slower than the "
                  "emulation")
     missing = missing_requirements(exp)
@@ -404,7 +405,7 @@ def run_experiment(
     record = {
         "experiment": name, "title": exp.title, "source": exp.source, "factor": exp.factor, "quick": quick,
         "label": SMOKE_LABEL if quick else "result", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "bf16": bf16 if any(a.precision != "float32" for a in exp.arms) else None, "device": _device_name(),
+        "bf16": bf16 if has_bf16_arms else None, "device": _device_name(),
         "steps": steps_used, "seeds": sorted({r["seed"] for r in runs}), "wall_seconds": time.perf_counter() - t0,
         "base_config": to_dict(base_config(quick)), "experiment_overrides": list(exp.overrides),
         "arms": [{"name": a.name, "label": a.title, "overrides": list(a.overrides), "x": a.x,
